@@ -1,0 +1,5 @@
+import sys
+
+from omniedge.cli import main
+
+sys.exit(main())

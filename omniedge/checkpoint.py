@@ -1,0 +1,105 @@
+"""The compressed-checkpoint contract: an HF model directory plus omniedge.json (recipe, measurements, hashes).
+
+Imports torch/transformers lazily: the runtime may import this module's light helpers on a Jetson.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omniedge.atomic import atomic_dir, atomic_write_json
+from omniedge.errors import OmniedgeError
+
+META_FILE = "omniedge.json"
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Fail with a clear message unless `path` looks like a Qwen3-Omni HF checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise OmniedgeError(
+            f"checkpoint not found: {p}",
+            "pass a directory written by `omniedge compress` or `save_pretrained`, or the name `tiny`",
+        )
+    if not p.is_dir():
+        raise OmniedgeError(f"{p} is a file, not a checkpoint directory", "pass the directory that holds config.json")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise OmniedgeError(
+            f"{p} is not a checkpoint: it has no config.json",
+            "pass the directory written by `omniedge compress` or `save_pretrained`",
+        )
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise OmniedgeError(f"{cfg} is not valid JSON ({e})", "re-create the checkpoint") from e
+    if model_type != "qwen3_omni_moe":
+        raise OmniedgeError(
+            f"{p} holds a {model_type!r} model, not Qwen3-Omni (model_type 'qwen3_omni_moe')",
+            "pass a Qwen3-Omni checkpoint",
+        )
+    if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
+        raise OmniedgeError(f"{p} has a config but no weight files (*.safetensors)", "copy the weights too")
+    if not (p / "tokenizer.json").is_file():
+        raise OmniedgeError(f"{p} has no tokenizer.json", "copy tokenizer.json beside config.json")
+    return p
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hashes(directory: str | Path) -> dict[str, str]:
+    d = Path(directory)
+    return {f.name: file_sha256(f) for f in sorted(d.iterdir()) if f.is_file() and f.name != META_FILE}
+
+
+def save_checkpoint(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    meta: dict[str, Any],
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """save_pretrained + tokenizer + omniedge.json, into a temp dir renamed into place at the end.
+
+    `extra_files` maps file names to callables that write them given the temp directory path.
+    """
+    from omniedge.models.tokenizer import save_tokenizer
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        for _name, writer in (extra_files or {}).items():
+            writer(tmp)
+        meta = {"schema": 1, **meta, "files": content_hashes(tmp)}
+        atomic_write_json(tmp / META_FILE, meta)
+    return path
+
+
+def load_checkpoint(path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizers.Tokenizer) from a checkpoint directory, eval mode."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    p = check_checkpoint_dir(path)
+    try:
+        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(p, dtype=dtype or torch.float32)
+    except Exception as e:  # transformers raises many types for a damaged directory
+        raise OmniedgeError(f"transformers could not load {p}: {e}", "re-create or re-download the checkpoint") from e
+    return model.eval(), Tokenizer.from_file(str(p / "tokenizer.json"))

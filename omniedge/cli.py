@@ -1,0 +1,125 @@
+"""The `omniedge` command: one subcommand per stage, each a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omniedge.errors import OmniedgeError
+
+EPILOGS = {
+    "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
+    "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 --recipe recipes/prune40-int4.yaml",
+    "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle",
+    "build": "example (on the Jetson, inside the L4T container):\n  omniedge build out/omni-bundle",
+    "run": "example:\n  omniedge run --prompt 'What do you see and hear?' --image cat.png --audio question.wav",
+    "bench": "example:\n  omniedge bench                    # default model, built and cached on first use\n"
+    "  omniedge bench out/omni-bundle --runs 10 --json bench/results/orin.json",
+    "info": "example:\n  omniedge info out/tiny-int4\n  omniedge info out/tiny-bundle",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omniedge",
+        description="Compress, export and serve Qwen3-Omni on a Jetson AGX Orin.",
+    )
+    p.add_argument("--version", action="version", version=f"omniedge {__import__('omniedge').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    c = cmd("compress", "Prune MoE experts (calibrated on real inputs) and quantize to INT4: checkpoint -> checkpoint.")
+    c.add_argument("model", help="HF checkpoint directory, or `tiny` for the built-in tiny model")
+    c.add_argument("-o", "--out", required=True, type=Path, help="output checkpoint directory")
+    c.add_argument("--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4")
+    c.add_argument("--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)")
+    c.add_argument("--no-quantize", action="store_true", help="skip the INT4 stage")
+
+    e = cmd("export", "Export a checkpoint to ONNX graphs per modality plus a manifest: checkpoint -> engine bundle.")
+    e.add_argument("checkpoint", help="checkpoint directory (from `omniedge compress`), or `tiny`")
+    e.add_argument("-o", "--out", required=True, type=Path, help="output bundle directory")
+    e.add_argument("--image-size", type=int, help="square image side the vision graph is built for")
+
+    b = cmd("build", "Build TensorRT engines from a bundle's ONNX graphs (run on the target GPU).")
+    b.add_argument("bundle", type=Path, help="engine bundle directory (from `omniedge export`)")
+
+    r = cmd("run", "Answer one request (text, optional image and audio) with a bundle, streaming tokens.")
+    r.add_argument("bundle", nargs="?", help="engine bundle directory; default: the built-in default model")
+    r.add_argument("-p", "--prompt", default="Describe what you see and hear.", help="the user's text")
+    r.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...)")
+    r.add_argument("--audio", type=Path, help="audio file (WAV; FLAC/OGG with soundfile installed)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--seed", type=int, default=0)
+
+    n = cmd("bench", "Measure load time, time to first token, per-token latency, image latency, speech RTF, memory.")
+    n.add_argument("bundle", nargs="?", help="engine bundle directory; default: the built-in default model")
+    n.add_argument("--runs", type=int, default=5, help="timed repetitions per measurement")
+    n.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per generation run")
+    n.add_argument("--json", type=Path, help="where to write the JSON report (default: print path in cache)")
+
+    i = cmd("info", "Describe a checkpoint or an engine bundle.")
+    i.add_argument("path", type=Path)
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "compress":
+        from omniedge.compress.pipeline import compress_cli
+
+        compress_cli(args.model, args.out, args.recipe, args.keep_ratio, quantize=not args.no_quantize)
+    elif args.command == "export":
+        from omniedge.export.bundle import export_cli
+
+        export_cli(args.checkpoint, args.out, image_size=args.image_size)
+    elif args.command == "build":
+        from omniedge.export.trt_build import build_cli
+
+        build_cli(args.bundle)
+    elif args.command == "run":
+        from omniedge.runtime.cli_run import run_cli
+
+        run_cli(
+            args.bundle,
+            args.prompt,
+            image=args.image,
+            audio=args.audio,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    elif args.command == "bench":
+        from omniedge.bench.harness import bench_cli
+
+        bench_cli(args.bundle, runs=args.runs, new_tokens=args.new_tokens, json_path=args.json)
+    elif args.command == "info":
+        from omniedge.info import info_cli
+
+        info_cli(args.path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except OmniedgeError as e:
+        print(f"omniedge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model-family facts: configs of the real, tiny and reference models, and version-proof module lookup."""

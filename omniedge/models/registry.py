@@ -1,0 +1,24 @@
+"""Names a user can type instead of a path (`tiny`), resolved to checkpoints built and cached on first use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omniedge.paths import home
+
+BUILT_IN = ("tiny",)
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint directory for a built-in name (built once, cached) or the path itself."""
+    s = str(name_or_path)
+    if s == "tiny":
+        path = home() / "models" / "tiny"
+        if not (path / "omniedge.json").is_file():
+            from omniedge.models.tiny import write_tiny
+
+            write_tiny(path)
+        return path
+    from omniedge.checkpoint import check_checkpoint_dir
+
+    return check_checkpoint_dir(s)
