@@ -26,7 +26,9 @@ def check_checkpoint_dir(path: str | Path) -> Path:
             "pass a directory written by `omniedge compress` or `save_pretrained`, or the name `tiny`",
         )
     if not p.is_dir():
-        raise OmniedgeError(f"{p} is a file, not a checkpoint directory", "pass the directory that holds config.json")
+        raise OmniedgeError(
+            f"{p} is a file, not a checkpoint directory", "pass the directory that holds config.json"
+        )
     cfg = p / "config.json"
     if not cfg.is_file():
         raise OmniedgeError(
@@ -101,5 +103,7 @@ def load_checkpoint(path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
     try:
         model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(p, dtype=dtype or torch.float32)
     except Exception as e:  # transformers raises many types for a damaged directory
-        raise OmniedgeError(f"transformers could not load {p}: {e}", "re-create or re-download the checkpoint") from e
+        raise OmniedgeError(
+            f"transformers could not load {p}: {e}", "re-create or re-download the checkpoint"
+        ) from e
     return model.eval(), Tokenizer.from_file(str(p / "tokenizer.json"))

@@ -38,14 +38,24 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    c = cmd("compress", "Prune MoE experts (calibrated on real inputs) and quantize to INT4: checkpoint -> checkpoint.")
+    c = cmd(
+        "compress",
+        "Prune MoE experts (calibrated on real inputs) and quantize to INT4: checkpoint -> checkpoint.",
+    )
     c.add_argument("model", help="HF checkpoint directory, or `tiny` for the built-in tiny model")
     c.add_argument("-o", "--out", required=True, type=Path, help="output checkpoint directory")
-    c.add_argument("--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4")
-    c.add_argument("--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)")
+    c.add_argument(
+        "--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4"
+    )
+    c.add_argument(
+        "--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)"
+    )
     c.add_argument("--no-quantize", action="store_true", help="skip the INT4 stage")
 
-    e = cmd("export", "Export a checkpoint to ONNX graphs per modality plus a manifest: checkpoint -> engine bundle.")
+    e = cmd(
+        "export",
+        "Export a checkpoint to ONNX graphs per modality plus a manifest: checkpoint -> engine bundle.",
+    )
     e.add_argument("checkpoint", help="checkpoint directory (from `omniedge compress`), or `tiny`")
     e.add_argument("-o", "--out", required=True, type=Path, help="output bundle directory")
     e.add_argument("--image-size", type=int, help="square image side the vision graph is built for")
@@ -62,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--seed", type=int, default=0)
 
-    n = cmd("bench", "Measure load time, time to first token, per-token latency, image latency, speech RTF, memory.")
+    n = cmd(
+        "bench",
+        "Measure load time, time to first token, per-token latency, image latency, speech RTF, memory.",
+    )
     n.add_argument("bundle", nargs="?", help="engine bundle directory; default: the built-in default model")
     n.add_argument("--runs", type=int, default=5, help="timed repetitions per measurement")
     n.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per generation run")

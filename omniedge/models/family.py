@@ -47,7 +47,9 @@ def thinker_parts(model: Any) -> ThinkerParts:
         text, audio, visual = inner.language_model, inner.audio_tower, inner.visual
     else:  # transformers 5.17 layout
         text, audio, visual = inner, getattr(thinker, "audio_tower", None), getattr(thinker, "visual", None)
-    return ThinkerParts(thinker=thinker, text_model=text, audio_tower=audio, visual=visual, lm_head=thinker.lm_head)
+    return ThinkerParts(
+        thinker=thinker, text_model=text, audio_tower=audio, visual=visual, lm_head=thinker.lm_head
+    )
 
 
 def moe_blocks(model: Any) -> list[tuple[int, Any]]:

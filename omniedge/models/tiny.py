@@ -132,4 +132,6 @@ def write_tiny(path: str | Path, seed: int = 0) -> Path:
     from omniedge.checkpoint import save_checkpoint
 
     model, tok = build_tiny(seed)
-    return save_checkpoint(model, tok, path, meta={"model": "tiny", "seed": seed, "made_by": "omniedge.models.tiny"})
+    return save_checkpoint(
+        model, tok, path, meta={"model": "tiny", "seed": seed, "made_by": "omniedge.models.tiny"}
+    )
