@@ -1,0 +1,1 @@
+"""The benchmark harness behind `omniedge bench`: measurements, machine facts, report writers."""

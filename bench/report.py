@@ -1,0 +1,52 @@
+"""Bench report files: the JSON (every number) and a Markdown summary beside it, both written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omniedge.atomic import atomic_write_bytes, atomic_write_json
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    mach = r["machine"]
+    tok, img, sp = r["token_ms"], r["image_ms"], r["speech_in"]
+    loads = ", ".join(f"{k} {v:.2f} s" for k, v in r["load_s"].items() if k != "total")
+    lines = [
+        f"# omniedge bench: {r['bundle']['model']}",
+        "",
+        f"- command: `{r['command']}`",
+        f"- machine: {mach['cpu']} ({mach['cores']} cores, {mach['ram_gib']} GiB), GPU {mach['gpu'] or 'none'}, "
+        f"onnxruntime {mach['onnxruntime']} with {r['providers']}",
+        f"- when: {r['when']}, omniedge {r['omniedge']}, {r['runs']} runs per measurement",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| load (all engines) | {r['load_s']['total']:.2f} s ({loads}) |",
+        f"| time to first token, text prompt | p50 {_f(r['ttft_ms_text'].get('p50'))} ms, "
+        f"p90 {_f(r['ttft_ms_text'].get('p90'))} ms |",
+        f"| time to first token, image + audio + text | p50 {_f(r['ttft_ms_image_audio'].get('p50'))} ms |",
+        f"| per-token latency (first excluded, n={tok.get('n', 0)}) | p50 {_f(tok.get('p50'))} ms, "
+        f"p90 {_f(tok.get('p90'))} ms, p99 {_f(tok.get('p99'))} ms |",
+        f"| decode throughput | {_f(r['decode_tok_s'], '{:.1f}')} tokens/s |",
+        f"| image latency (preprocess + encode, {img.get('size')}) | p50 {_f(img.get('p50'))} ms "
+        f"(preprocess {_f(img.get('preprocess_mean'))} ms) |",
+        f"| speech in, real-time factor ({sp['audio_s']:.0f} s clip) | {_f(sp['rtf'], '{:.4f}')} "
+        f"(p50 {_f(sp['process_ms'].get('p50'))} ms) |",
+        f"| peak RSS | {r['memory']['peak_rss_mib']:.0f} MiB (engines {r['memory']['engines_footprint_mib']:.0f} MiB) |",
+        f"| power | {_f(r['power_w'], '{:.1f} W') if r['power_w'] is not None else 'not readable here'} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict[str, Any], json_path: Path) -> str:
+    json_path = Path(json_path)
+    atomic_write_json(json_path, report)
+    md = markdown(report)
+    atomic_write_bytes(json_path.with_suffix(".md"), md.encode())
+    return md

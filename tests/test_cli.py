@@ -1,0 +1,46 @@
+"""The CLI: every subcommand explains itself, and user mistakes end in one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from omniedge.cli import main
+
+SUBCOMMANDS = ["compress", "export", "build", "run", "bench", "info"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "omniedge", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help_has_description_and_example(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and f"omniedge {cmd}" in out
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    r = _cli("run", "--no-such-option")
+    assert r.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_not_a_checkpoint_is_an_error(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    r = _cli("export", str(tmp_path), "-o", str(tmp_path / "bundle"))
+    assert r.returncode == 2
+    assert "not a checkpoint" in r.stderr and "fix:" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_info_on_missing_path() -> None:
+    r = _cli("info", "/definitely/not/here")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
