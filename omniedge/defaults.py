@@ -16,8 +16,24 @@ from omniedge.paths import home
 DEFAULT_MODEL = "tiny"
 
 
+def _code_hash() -> str:
+    """Hash of the stages' source, so a changed exporter or compressor never reuses a stale bundle."""
+    import omniedge
+    import omniedge.export
+
+    h = hashlib.sha256()
+    roots = [Path(omniedge.__file__).parent / d for d in ("compress", "models")]
+    roots.append(Path(omniedge.export.__file__).parent)
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _key(model: str, recipe: dict) -> str:
-    blob = json.dumps({"omniedge": __version__, "model": model, "recipe": recipe}, sort_keys=True)
+    blob = json.dumps(
+        {"omniedge": __version__, "model": model, "recipe": recipe, "code": _code_hash()}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

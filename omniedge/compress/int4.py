@@ -25,11 +25,9 @@ def quantize(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torc
     if nb * group_size != k:
         w = torch.nn.functional.pad(w, (0, nb * group_size - k))
     g = w.reshape(*lead, n, nb, group_size)
-    amax = g.abs().amax(dim=-1)
-    # Symmetric around 0 with an asymmetric code range [-8, 7]: map the largest magnitude to -8 when the
-    # extreme is negative and to 7 otherwise, whichever keeps the extreme exactly representable.
-    gmin = g.amin(dim=-1)
-    scales = torch.where(gmin.abs() >= amax, amax / -QMIN, amax / QMAX)
+    # The smallest scale that represents both extremes without clipping: the negative side has one more
+    # code (-8) than the positive side (7).
+    scales = torch.maximum(-g.amin(dim=-1) / -QMIN, g.amax(dim=-1) / QMAX).clamp_min(0)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     q = torch.clamp(torch.round(g / scales.unsqueeze(-1)), QMIN, QMAX).to(torch.int16) + ZERO_POINT
     q = q.to(torch.uint8)

@@ -1,0 +1,238 @@
+"""Compression recipes: a list of small stages plus calibration settings, read from YAML or JSON.
+
+As in llm-compressor, the recipe file alone reproduces a result: `validate_recipe` fills every default,
+so the normalised recipe written into omniedge.json says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omniedge.errors import OmniedgeError
+
+DEFAULT_RECIPE_PATH = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
+
+# The default recipe, also used when recipes/default.yaml is not shipped (a wheel install);
+# tests check that the YAML file and this dict agree.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "stages": [
+        {"prune": {"method": "frequency", "keep_ratio": 0.5}},
+        {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "targets": ["attention", "experts"]}},
+    ],
+    "calibration": {"samples": 32, "max_tokens": 256, "seed": 0},
+}
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prune": {"method": "frequency", "keep_ratio": 0.5, "weighting": "modality"},
+    "quantize": {
+        "method": "rtn",
+        "bits": 4,
+        "group_size": 128,
+        "symmetric": True,
+        "targets": ["attention", "experts"],
+    },
+}
+CALIBRATION_DEFAULTS: dict[str, Any] = {
+    "source": "builtin",
+    "samples": 32,
+    "max_tokens": 256,
+    "seed": 0,
+    "mix": {"text": 0.5, "image": 0.25, "audio": 0.25},
+    "image_size": 128,
+    "audio_seconds": 3.0,
+}
+MEASURE_DEFAULTS: dict[str, Any] = {"texts": 8, "max_tokens": 128}
+TOP_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto"}
+
+PRUNE_WEIGHTINGS = ("modality", "token")
+QUANT_TARGETS = ("attention", "experts")
+DTYPES = ("float32", "bfloat16", "float16")
+MODALITIES = ("text", "image", "audio")
+
+
+def _fail(where: str, problem: str, fix: str) -> OmniedgeError:
+    return OmniedgeError(f"recipe {where}: {problem}", fix)
+
+
+def _check_keys(d: Any, allowed: dict[str, Any] | tuple[str, ...], where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise _fail(where, f"expected a mapping, got {type(d).__name__} {d!r}", "write `key: value` pairs")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise _fail(where, f"unknown field(s) {unknown}", f"use only {sorted(allowed)}")
+    return d
+
+
+def _int(v: Any, where: str, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _fail(where, f"{v!r} is not an integer >= {lo}", f"give an integer >= {lo}")
+    return v
+
+
+def _float(v: Any, where: str, lo: float, hi: float, lo_open: bool = True) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok:
+        ok = (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise _fail(where, f"{v!r} is outside {bracket}{lo}, {hi}]", f"give a number in {bracket}{lo}, {hi}]")
+    return float(v)
+
+
+def _choice(v: Any, where: str, choices: tuple[Any, ...]) -> Any:
+    if v not in choices:
+        raise _fail(where, f"{v!r} is not supported", f"use one of {list(choices)}")
+    return v
+
+
+def _prune(s: dict[str, Any], where: str) -> dict[str, Any]:
+    from omniedge.compress.prune import SALIENCY
+
+    out = {**STAGE_DEFAULTS["prune"], **_check_keys(s, STAGE_DEFAULTS["prune"], where)}
+    out["method"] = _choice(out["method"], f"{where}.method", tuple(SALIENCY))
+    out["keep_ratio"] = _float(out["keep_ratio"], f"{where}.keep_ratio", 0.0, 1.0)
+    out["weighting"] = _choice(out["weighting"], f"{where}.weighting", PRUNE_WEIGHTINGS)
+    return out
+
+
+def _quantize(s: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {**STAGE_DEFAULTS["quantize"], **_check_keys(s, STAGE_DEFAULTS["quantize"], where)}
+    out["method"] = _choice(out["method"], f"{where}.method", ("rtn",))
+    if type(out["bits"]) is not int or out["bits"] != 4:
+        raise _fail(f"{where}.bits", f"{out['bits']!r} bits is not supported", "use bits: 4")
+    g = out["group_size"]
+    if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 2:
+        raise _fail(f"{where}.group_size", f"{g!r} is not a positive even number", "use group_size: 128")
+    if out["symmetric"] is not True:
+        raise _fail(f"{where}.symmetric", "only symmetric INT4 (zero point 8) is supported", "drop the field")
+    targets = out["targets"]
+    if not isinstance(targets, list) or not targets:
+        raise _fail(f"{where}.targets", f"{targets!r} is not a non-empty list", f"e.g. {list(QUANT_TARGETS)}")
+    for t in targets:
+        _choice(t, f"{where}.targets", QUANT_TARGETS)
+    out["targets"] = list(dict.fromkeys(targets))
+    return out
+
+
+def _calibration(c: Any) -> dict[str, Any]:
+    where = "calibration"
+    out = {**CALIBRATION_DEFAULTS, **_check_keys(c or {}, CALIBRATION_DEFAULTS, where)}
+    if not isinstance(out["source"], str) or not out["source"]:
+        raise _fail(f"{where}.source", f"{out['source']!r} is not a source name", "use `builtin`")
+    out["samples"] = _int(out["samples"], f"{where}.samples")
+    out["max_tokens"] = _int(out["max_tokens"], f"{where}.max_tokens", lo=8)
+    out["seed"] = _int(out["seed"], f"{where}.seed", lo=0)
+    mix = _check_keys(out["mix"], MODALITIES, f"{where}.mix")
+    mix = {m: _float(mix.get(m, 0.0), f"{where}.mix.{m}", 0.0, 1.0, lo_open=False) for m in MODALITIES}
+    if sum(mix.values()) <= 0:
+        raise _fail(f"{where}.mix", "all shares are zero", "give text, image or audio a share > 0")
+    out["mix"] = mix
+    size = _int(out["image_size"], f"{where}.image_size", lo=32)
+    if size % 32:
+        raise _fail(f"{where}.image_size", f"{size} is not a multiple of 32 (patch 16 x merge 2)", "use 128")
+    out["image_size"] = size
+    out["audio_seconds"] = _float(out["audio_seconds"], f"{where}.audio_seconds", 0.0, 30.0)
+    return out
+
+
+def _measure(m: Any) -> dict[str, Any]:
+    out = {**MEASURE_DEFAULTS, **_check_keys(m or {}, MEASURE_DEFAULTS, "measure")}
+    out["texts"] = _int(out["texts"], "measure.texts")
+    out["max_tokens"] = _int(out["max_tokens"], "measure.max_tokens", lo=2)
+    return out
+
+
+STAGES = {"prune": _prune, "quantize": _quantize}
+
+
+def validate_recipe(raw: Any) -> dict[str, Any]:
+    """The recipe with every field checked and every default filled in; OmniedgeError on the first mistake."""
+    top = _check_keys(raw, ("stages", "calibration", "measure", *TOP_DEFAULTS), "top level")
+    stages_in = top.get("stages", [])
+    if not isinstance(stages_in, list):
+        raise _fail("stages", f"expected a list, got {stages_in!r}", "write `stages: [- prune: {...}, ...]`")
+    stages: list[dict[str, Any]] = []
+    for i, st in enumerate(stages_in):
+        if not isinstance(st, dict) or len(st) != 1:
+            raise _fail(
+                f"stages[{i}]", f"{st!r} is not a one-key mapping", "write `- prune: {keep_ratio: 0.5}`"
+            )
+        ((name, settings),) = st.items()
+        if name not in STAGES:
+            raise _fail(f"stages[{i}]", f"unknown stage {name!r}", f"known stages: {list(STAGES)}")
+        if any(name in s for s in stages):
+            raise _fail(f"stages[{i}]", f"stage {name!r} appears twice", "keep one")
+        stages.append({name: STAGES[name](settings or {}, f"stages[{i}].{name}")})
+    names = [next(iter(s)) for s in stages]
+    if "quantize" in names and names[-1] != "quantize":
+        raise _fail(
+            "stages",
+            f"quantize must be the last stage (got order {names})",
+            "prune before quantizing: int4.safetensors must describe the final weights",
+        )
+    out = {
+        "stages": stages,
+        "calibration": _calibration(top.get("calibration")),
+        "measure": _measure(top.get("measure")),
+    }
+    out["dtype"] = _choice(top.get("dtype", TOP_DEFAULTS["dtype"]), "dtype", DTYPES)
+    out["device"] = top.get("device", TOP_DEFAULTS["device"])
+    if not isinstance(out["device"], str) or not out["device"]:
+        raise _fail("device", f"{out['device']!r} is not a device name", "use auto, cpu or cuda")
+    return out
+
+
+def read_recipe_file(path: str | Path) -> Any:
+    """Parse a YAML (.yaml/.yml) or JSON recipe file, without validating it."""
+    p = Path(path)
+    if not p.is_file():
+        raise OmniedgeError(
+            f"recipe file not found: {p}", f"pass an existing file, e.g. {DEFAULT_RECIPE_PATH}"
+        )
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OmniedgeError(f"recipe {p} is not valid JSON: {e}", "fix the syntax") from e
+    try:
+        import yaml
+    except ImportError as e:
+        raise OmniedgeError("reading a YAML recipe needs PyYAML", "pip install pyyaml, or use JSON") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise OmniedgeError(f"recipe {p} is not valid YAML: {e}", "fix the syntax") from e
+
+
+def default_recipe() -> dict[str, Any]:
+    """recipes/default.yaml when it is there (a source checkout), else the same recipe built in."""
+    raw = read_recipe_file(DEFAULT_RECIPE_PATH) if DEFAULT_RECIPE_PATH.is_file() else DEFAULT_RECIPE
+    return validate_recipe(copy.deepcopy(raw))
+
+
+def load_recipe(path: str | Path | None) -> dict[str, Any]:
+    """The validated recipe from a file, or the default recipe when `path` is None."""
+    return default_recipe() if path is None else validate_recipe(read_recipe_file(path))
+
+
+def apply_overrides(
+    recipe: dict[str, Any], keep_ratio: float | None = None, quantize: bool = True
+) -> dict[str, Any]:
+    """CLI overrides: --keep-ratio sets (or adds) the prune stage, --no-quantize drops the quantize stage."""
+    out = copy.deepcopy(recipe)
+    stages = out.get("stages", [])
+    if keep_ratio is not None:
+        prune = [s for s in stages if "prune" in s]
+        if prune:
+            prune[0]["prune"]["keep_ratio"] = keep_ratio
+        else:
+            stages.insert(0, {"prune": {"method": "frequency", "keep_ratio": keep_ratio}})
+    if not quantize:
+        stages = [s for s in stages if "quantize" not in s]
+    out["stages"] = stages
+    return validate_recipe(out)

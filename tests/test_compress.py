@@ -1,0 +1,461 @@
+"""The compression stage on the tiny model: recipes, calibration, pruning, INT4, measurement, the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from omniedge.compress import pipeline
+from omniedge.compress.calibration import (
+    AUDIO,
+    IMAGE,
+    TEXT,
+    Request,
+    audio_features,
+    collect_router_stats,
+    encode_request,
+    image_features,
+    modality_counts,
+    render_shapes,
+    synth_tone,
+)
+from omniedge.compress.int4 import dequantize
+from omniedge.compress.prune import keep_count, select_experts
+from omniedge.compress.recipe import (
+    DEFAULT_RECIPE,
+    DEFAULT_RECIPE_PATH,
+    apply_overrides,
+    load_recipe,
+    read_recipe_file,
+    validate_recipe,
+)
+from omniedge.errors import OmniedgeError
+
+FAST_CALIB = {"samples": 6, "max_tokens": 96, "seed": 0, "image_size": 64, "audio_seconds": 1.0}
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private OMNIEDGE_HOME so `tiny` is built once for this session, never in the user's cache."""
+    h = tmp_path_factory.mktemp("omniedge-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNIEDGE_HOME", str(h))
+        yield h
+
+
+@pytest.fixture(scope="session")
+def tiny(home: Path) -> Path:
+    from omniedge.models.registry import resolve_checkpoint
+
+    return resolve_checkpoint("tiny")
+
+
+def _load(path: Path) -> tuple[Any, Any]:
+    from omniedge.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _recipe(stages: list[dict[str, Any]], **calib: Any) -> dict[str, Any]:
+    return {
+        "stages": stages,
+        "calibration": {**FAST_CALIB, **calib},
+        "measure": {"texts": 4, "max_tokens": 64},
+    }
+
+
+def _multimodal_inputs(model: Any, tok: Any) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(1)
+    img, _ = render_shapes(64, rng)
+    tone, _ = synth_tone(1.0, rng)
+    enc = encode_request(
+        Request("What is in the picture and the sound?", "A shape.", img, tone), tok, model, 256
+    )
+    return enc.inputs
+
+
+def _logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.thinker(**inputs, use_cache=False).logits
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_default_yaml_is_the_builtin_default() -> None:
+    assert validate_recipe(read_recipe_file(DEFAULT_RECIPE_PATH)) == validate_recipe(
+        copy.deepcopy(DEFAULT_RECIPE)
+    )
+    r = load_recipe(None)
+    assert [next(iter(s)) for s in r["stages"]] == ["prune", "quantize"]
+    assert r["stages"][0]["prune"]["keep_ratio"] == 0.5
+    assert r["stages"][1]["quantize"]["group_size"] == 128
+
+
+def test_30b_recipe_keeps_64_of_128() -> None:
+    from omniedge.compress.prune import keep_count
+
+    r = load_recipe(DEFAULT_RECIPE_PATH.parent / "qwen3-omni-30b-prune50-int4.yaml")
+    assert keep_count(128, 8, r["stages"][0]["prune"]["keep_ratio"]) == 64
+    assert r["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "needle"),
+    [
+        ({"stages": [{"distill": {}}]}, "unknown stage 'distill'"),
+        ({"stages": [{"prune": {"keep_ratio": 0.0}}]}, "keep_ratio"),
+        ({"stages": [{"prune": {"keep_ratio": 1.5}}]}, "keep_ratio"),
+        ({"stages": [{"prune": {"keep_ratio": "half"}}]}, "keep_ratio"),
+        ({"stages": [{"prune": {"method": "magic"}}]}, "method"),
+        ({"stages": [{"quantize": {"bits": 8}}]}, "bits"),
+        ({"stages": [{"quantize": {"bits": 4.0}}]}, "bits"),
+        ({"stages": [{"quantize": {"group_size": 127}}]}, "positive even"),
+        ({"stages": [{"quantize": {"group_size": 0}}]}, "positive even"),
+        ({"stages": [{"quantize": {"group_size": -128}}]}, "positive even"),
+        ({"stages": [{"quantize": {"targets": ["lm_head"]}}]}, "targets"),
+        ({"stages": [{"quantize": {}}, {"prune": {}}]}, "last stage"),
+        ({"stages": [{"prune": {}}, {"prune": {}}]}, "twice"),
+        ({"stages": [{"prune": {"keep_ratio": 0.5, "colour": 1}}]}, "unknown field"),
+        ({"stages": {"prune": {}}}, "expected a list"),
+        ({"stages": [], "calibration": {"samples": 0}}, "samples"),
+        ({"stages": [], "calibration": {"mix": {"text": 0, "image": 0, "audio": 0}}}, "zero"),
+        ({"stages": [], "calibration": {"image_size": 100}}, "multiple of 32"),
+        ({"stages": [], "dtype": "int8"}, "dtype"),
+        ({"stages": [], "speed": "fast"}, "unknown field"),
+        (["prune"], "expected a mapping"),
+    ],
+)
+def test_bad_recipe_is_a_clear_error(recipe: Any, needle: str) -> None:
+    with pytest.raises(OmniedgeError) as e:
+        validate_recipe(recipe)
+    assert needle in e.value.problem
+    assert e.value.fix
+
+
+def test_overrides() -> None:
+    r = apply_overrides(load_recipe(None), keep_ratio=0.25, quantize=False)
+    assert r["stages"] == [{"prune": {"method": "frequency", "keep_ratio": 0.25, "weighting": "modality"}}]
+    added = apply_overrides(validate_recipe({"stages": [{"quantize": {}}]}), keep_ratio=0.75)
+    assert [next(iter(s)) for s in added["stages"]] == ["prune", "quantize"]
+    with pytest.raises(OmniedgeError, match="keep_ratio"):
+        apply_overrides(load_recipe(None), keep_ratio=2.0)
+
+
+def test_recipe_files(tmp_path: Path) -> None:
+    j = tmp_path / "r.json"
+    j.write_text(json.dumps({"stages": [{"prune": {"keep_ratio": 0.75}}]}))
+    assert load_recipe(j)["stages"][0]["prune"]["keep_ratio"] == 0.75
+    y = tmp_path / "bad.yaml"
+    y.write_text("stages: [prune: {keep_ratio: 0.5}\n")
+    with pytest.raises(OmniedgeError, match="not valid YAML"):
+        load_recipe(y)
+    with pytest.raises(OmniedgeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- pruning maths
+
+
+def test_keep_count() -> None:
+    assert keep_count(128, 8, 0.5) == 64
+    assert keep_count(8, 2, 1.0) == 8
+    assert keep_count(8, 2, 0.3125) == 3  # 2.5 rounds up
+    assert keep_count(8, 2, 0.25) == 2
+    with pytest.raises(OmniedgeError, match="fewer than the 2"):
+        keep_count(8, 2, 0.1)
+
+
+def test_select_experts_keeps_highest_in_order() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.9, 0.0], [5.0, 1.0, 1.0, 1.0, 4.0]])
+    assert select_experts(scores, 2) == [[1, 3], [0, 4]]
+    assert select_experts(scores, 3) == [[1, 2, 3], [0, 1, 4]]  # tie 1/2/3 in layer 1: lowest index wins
+
+
+def test_modality_weighting_protects_audio_experts() -> None:
+    from omniedge.compress.calibration import RouterStats
+    from omniedge.compress.prune import SALIENCY
+
+    # 1000 text tokens spread over experts 0-2; 10 audio tokens that all use experts 3 (and 0).
+    stats = RouterStats.empty([0], num_experts=6, top_k=2)
+    stats.tokens[:] = torch.tensor([1000, 0, 10])
+    stats.counts[0, TEXT] = torch.tensor([700, 700, 600, 0, 0, 0])
+    stats.counts[0, AUDIO] = torch.tensor([10, 0, 0, 10, 0, 0])
+    stats.weights = stats.counts.double() / 2
+    for method in ("frequency", "router_weight"):
+        by_modality = SALIENCY[method](stats, {"weighting": "modality"})
+        by_token = SALIENCY[method](stats, {"weighting": "token"})
+        assert select_experts(by_modality, 3) == [[0, 1, 3]]  # audio's expert 3 survives
+        assert select_experts(by_token, 3) == [[0, 1, 2]]  # drowned by text tokens
+
+
+def test_modality_counts() -> None:
+    assert modality_counts(32, {"text": 0.5, "image": 0.25, "audio": 0.25}) == {
+        "text": 16,
+        "image": 8,
+        "audio": 8,
+    }
+    assert modality_counts(5, {"text": 1.0, "image": 0.0, "audio": 0.0}) == {
+        "text": 5,
+        "image": 0,
+        "audio": 0,
+    }
+    assert sum(modality_counts(7, {"text": 0.5, "image": 0.25, "audio": 0.25}).values()) == 7
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_features_agree_with_transformers(tiny: Path) -> None:
+    """Calibration goes through the runtime's preprocessing; check it against transformers here too."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as mq
+
+    rng = np.random.default_rng(0)
+    tone, _ = synth_tone(2.3, rng)
+    feats, mask, n_tok = audio_features(tone, 128, 50)
+    ref = WhisperFeatureExtractor(feature_size=128)(
+        tone,
+        sampling_rate=16000,
+        padding=True,
+        truncation=False,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    assert feats.shape == ref["input_features"].shape and mask.tolist() == ref["attention_mask"].tolist()
+    torch.testing.assert_close(feats, ref["input_features"], atol=2e-4, rtol=0)
+    assert n_tok == int(mq._get_feat_extract_output_lengths(mask.sum(-1), 50)[0]) == 30
+    img, _ = render_shapes(96, rng)
+    pixels, grid = image_features(img, 16, 2, 2)
+    assert grid.tolist() == [[1, 6, 6]] and tuple(pixels.shape) == (36, 1536)
+    assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
+
+
+def test_router_counts_cover_every_token(tiny: Path) -> None:
+    model, tok = _load(tiny)
+    rng = np.random.default_rng(0)
+    img, _ = render_shapes(64, rng)
+    tone, _ = synth_tone(1.0, rng)
+    reqs = [Request("Hello there, robot.", "Hello!"), Request("Describe.", "Shapes.", image=img)]
+    reqs.append(Request("What do you hear?", "A tone.", audio=tone))
+    enc = [encode_request(r, tok, model, 128) for r in reqs]
+    assert int((enc[1].modality == IMAGE).sum()) == 4  # 64x64 image: 4x4 patches merged 2x2
+    assert int((enc[2].modality == AUDIO).sum()) == 13  # 1 s of audio = 13 tokens
+    stats = collect_router_stats(model, enc, progress=False)
+    tokens = sum(torch.bincount(e.modality, minlength=3) for e in enc)
+    assert stats.tokens.tolist() == tokens.tolist()
+    assert int(stats.tokens[TEXT]) > 20
+    # every position of every modality put exactly top_k choices into every layer's counts
+    assert stats.counts.sum(-1).tolist() == [(tokens * stats.top_k).tolist()] * len(stats.layers)
+    # renormalised top-k weights sum to 1 per position
+    torch.testing.assert_close(stats.weights.sum(-1), tokens.double().expand_as(stats.weights.sum(-1)))
+
+
+# ---------------------------------------------------------------- pruning on the model
+
+KNOWN = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}  # the experts each layer's router is forced to use
+
+
+@pytest.fixture(scope="module")
+def biased(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny model whose routers only ever pick KNOWN experts on text: embedding dim 0 is a constant that
+    pushes the other experts' logits far down, dim 1 (sign = token id parity) picks the pair."""
+    from omniedge.checkpoint import save_checkpoint
+    from omniedge.models.family import moe_blocks, thinker_parts
+    from omniedge.models.tiny import build_tiny
+
+    model, tok = build_tiny(seed=3)
+    with torch.no_grad():
+        emb = thinker_parts(model).text_model.embed_tokens.weight
+        even = torch.arange(emb.shape[0]) % 2 == 0
+        emb[:, 0] = 30.0
+        emb[:, 1] = torch.where(even, 30.0, -30.0)
+        for li, block in moe_blocks(model):
+            w = block.gate.weight
+            for e in range(w.shape[0]):
+                favoured = e in KNOWN[li]
+                w[e, 0] = 0.0 if favoured else -5.0
+                w[e, 1] = (5.0 if KNOWN[li].index(e) < 2 else -5.0) if favoured else 0.0
+    return save_checkpoint(
+        model, tok, tmp_path_factory.mktemp("biased") / "ckpt", meta={"model": "tiny-biased"}
+    )
+
+
+def test_pruning_keeps_the_routed_experts(biased: Path, tmp_path: Path) -> None:
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    out = tmp_path / "pruned"
+    recipe = _recipe([{"prune": {"keep_ratio": 0.5}}], mix={"text": 1.0, "image": 0.0, "audio": 0.0})
+    pipeline.compress(biased, out, recipe, progress=False)
+    meta = json.loads((out / "omniedge.json").read_text())
+    prune = meta["stages"][0]
+    assert prune["result"]["kept"] == {str(k): v for k, v in KNOWN.items()}
+    assert prune["result"]["routed_share_kept"] == {"text": 1.0}
+    assert prune["measured"]["kl"] < 1e-6 and prune["measured"]["top1"] == 1.0
+    assert meta["calibration"]["requests_by_kind"] == {"text": 6}
+
+    student = Qwen3OmniMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert student.config.thinker_config.text_config.num_experts == 4
+    teacher, tok = _load(biased)
+    from omniedge.models.family import moe_blocks
+
+    for (li, sb), (_, tb) in zip(moe_blocks(student), moe_blocks(teacher), strict=True):
+        assert tuple(sb.gate.weight.shape) == (4, 128)
+        assert tuple(sb.experts.gate_up_proj.shape) == (4, 256, 128)
+        assert torch.equal(sb.experts.down_proj, tb.experts.down_proj[KNOWN[li]])
+    ids = torch.tensor([tok.encode("Red circle, blue square: count the shapes.").ids])
+    a = _logits(student, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    b = _logits(teacher, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # pruned experts were never routed to
+
+
+def test_keep_all_without_quantization_is_exact(tiny: Path, tmp_path: Path) -> None:
+    out = pipeline.compress(
+        tiny, tmp_path / "same", _recipe([{"prune": {"keep_ratio": 1.0}}]), progress=False
+    )
+    teacher, tok = _load(tiny)
+    student, _ = _load(out)
+    inputs = _multimodal_inputs(teacher, tok)
+    assert torch.equal(_logits(student, inputs), _logits(teacher, inputs))
+    meta = json.loads((out / "omniedge.json").read_text())
+    assert meta["stages"][0]["measured"]["kl"] == 0.0
+    assert not (out / "int4.safetensors").exists()
+
+
+# ---------------------------------------------------------------- INT4
+
+
+def test_int4_file_and_round_trip(tiny: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    out = pipeline.compress(tiny, tmp_path / "q", _recipe([{"quantize": {}}]), progress=False)
+    q = load_file(str(out / "int4.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())["omniedge_quantization"]
+    assert cfg["bits"] == 4 and cfg["group_size"] == 128 and cfg["zero_point"] == 8
+    assert cfg["file"] == "int4.safetensors"
+    assert len(cfg["modules"]) == 12  # 2 layers x (4 attention projections + 2 fused expert tensors)
+    assert sorted(q) == sorted(f"{n}.{s}" for n in cfg["modules"] for s in ("qweight", "scales"))
+
+    teacher, _ = _load(tiny)
+    student = Qwen3OmniMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert student.config.omniedge_quantization["modules"] == cfg["modules"]
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    for name in cfg["modules"]:
+        w = t_sd[name]
+        *lead, n, k = w.shape
+        qw, sc = q[f"{name}.qweight"], q[f"{name}.scales"]
+        assert qw.dtype == torch.uint8 and tuple(qw.shape) == (*lead, n, -(-k // 128), 64)
+        assert sc.dtype == torch.float32 and tuple(sc.shape) == (*lead, n, -(-k // 128))
+        deq = dequantize(qw, sc, k)
+        assert torch.equal(s_sd[name], deq)  # model.safetensors holds exactly the dequantized weights
+        step = sc.unsqueeze(-1)
+        err = (w - deq).abs().reshape(*lead, n, -1, 128)
+        code = w.reshape(*lead, n, -1, 128) / step
+        inside = (code >= -8.5) & (code <= 7.5)  # codes [-8, 7]; beyond them the value is clamped
+        assert bool(
+            (err[inside] <= (step / 2).expand_as(err)[inside] + 1e-7).all()
+        )  # nearest: <= half a step
+        assert bool((err <= step + 1e-7).all())  # clamped (the side opposite the extreme): <= one step
+        assert float(inside.float().mean()) > 0.99
+        assert float((w - deq).norm() / w.norm()) < 0.15
+    # what is not a target stays bit-exact
+    for name in ("thinker.lm_head.weight", "thinker.model.language_model.layers.0.mlp.gate.weight"):
+        if name in t_sd:
+            assert torch.equal(t_sd[name], s_sd[name])
+
+
+def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path: Path) -> None:
+    from omniedge.compress.calibration import heldout_texts
+
+    out = pipeline.compress_cli("tiny", tmp_path / "default", None, None, True)
+    meta = json.loads((out / "omniedge.json").read_text())
+    assert [s["name"] for s in meta["stages"]] == ["prune", "quantize"]
+    assert meta["stages"][0]["result"]["experts_after"] == 4
+    cal = meta["calibration"]
+    assert cal["requests_by_kind"] == {"text": 16, "image": 8, "audio": 8}
+    assert all(cal["tokens"][m] > 0 for m in ("text", "image", "audio"))
+    assert (
+        meta["source"]["files"]["model.safetensors"]
+        == json.loads((tiny / "omniedge.json").read_text())["files"]["model.safetensors"]
+    )
+    kl = meta["stages"][-1]["measured"]["kl"]
+    print(f"tiny, default recipe (prune 8->4 + INT4 g128): KL {kl:.5f} nats/token, "
+          f"top-1 {meta['stages'][-1]['measured']['top1']:.3f}")  # fmt: skip
+    assert 0 < kl < 0.05
+    # Recompute KL independently on the first held-out text.
+    teacher, tok = _load(tiny)
+    student, _ = _load(out)
+    ids = torch.tensor([tok.encode(heldout_texts(1)[0]).ids[:64]])
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    lt, ls = torch.log_softmax(_logits(teacher, kw)[0], -1), torch.log_softmax(_logits(student, kw)[0], -1)
+    mine = float((lt.exp() * (lt - ls)).sum(-1).mean())
+    assert 0 < mine < 0.05
+    assert student.config.thinker_config.text_config.num_experts == 4
+
+
+# ---------------------------------------------------------------- errors and crashes
+
+
+def test_non_checkpoint_paths_are_clear_errors(home: Path, tmp_path: Path) -> None:
+    with pytest.raises(OmniedgeError, match="not found"):
+        pipeline.compress_cli(str(tmp_path / "nope"), tmp_path / "out", None, None, True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    with pytest.raises(OmniedgeError, match=r"no config\.json"):
+        pipeline.compress_cli(str(tmp_path / "junk"), tmp_path / "out", None, None, True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_replace_a_foreign_directory(tiny: Path, tmp_path: Path) -> None:
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("do not delete")
+    with pytest.raises(OmniedgeError, match="not an omniedge checkpoint"):
+        pipeline.compress(tiny, keep, _recipe([]), progress=False)
+    assert (keep / "precious.txt").read_text() == "do not delete"
+    with pytest.raises(OmniedgeError, match="is the input"):
+        pipeline.compress(tiny, tiny, _recipe([]), progress=False)
+
+
+def test_impossible_keep_ratio_fails_before_calibrating(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(OmniedgeError, match="fewer than the 2"):
+        pipeline.compress(tiny, tmp_path / "out", _recipe([{"prune": {"keep_ratio": 0.1}}]), progress=False)
+    assert os.listdir(tmp_path) == []  # no output, no calibration cache
+
+
+def test_interrupted_run_leaves_nothing_and_resumes(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    recipe = _recipe([{"prune": {"keep_ratio": 0.5}}, {"quantize": {}}])
+
+    def crash(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("power cut while writing int4.safetensors")
+
+    monkeypatch.setattr(pipeline, "write_int4", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pipeline.compress(tiny, out, recipe, progress=False)
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == [pipeline.CACHE_DIR]  # no half-written temp directory either
+    assert len(list((tmp_path / pipeline.CACHE_DIR).glob("*.pt"))) == 1
+
+    # The re-run must not calibrate again: the cached statistics are used.
+    monkeypatch.undo()
+
+    def no_calibration(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("calibration ran again despite the cache")
+
+    monkeypatch.setattr(pipeline, "calibrate", no_calibration)
+    pipeline.compress(tiny, out, recipe, progress=False)
+    meta = json.loads((out / "omniedge.json").read_text())
+    assert meta["calibration"]["cached"] is True
+    assert (out / "int4.safetensors").is_file()
