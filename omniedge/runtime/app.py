@@ -1,0 +1,327 @@
+"""`Omni`: the object robot and kiosk code holds. Load a bundle once, then ask with text, an image, audio.
+
+    omni = Omni.load("out/tiny-bundle")
+    print(omni.chat("What do you see?", image="cat.jpg").text)
+    for piece in omni.stream("What did I say?", audio="question.wav"):
+        print(piece, end="", flush=True)
+
+One request runs at a time (a lock), so several threads may share one `Omni`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omniedge.errors import OmniedgeError
+from omniedge.runtime.backends import EngineBackend, OrtBackend
+from omniedge.runtime.generate import (
+    GenerationResult,
+    SamplingParams,
+    Thinker,
+    ThinkerInputs,
+    Timings,
+    TokenEvent,
+    embed_prompt,
+    finish_reason,
+    run_generation,
+)
+from omniedge.runtime.manifest import Manifest, load_manifest
+from omniedge.runtime.media import AudioInput, ImageInput, load_audio, load_image
+from omniedge.runtime.mrope import rope_index
+from omniedge.runtime.preprocess import AudioChunks, audio_chunks, image_inputs, log_mel, mel_filter_bank
+from omniedge.runtime.prompt import Prompt, build_prompt
+
+Result = GenerationResult
+
+
+@dataclass
+class Request:
+    """A request after preprocessing, before any engine ran: what the encoders and thinker are fed."""
+
+    prompt: Prompt
+    pixel_values: np.ndarray | None = None  # float32 [num_patches, 3*T*P*P]
+    image_grid_thw: tuple[int, int, int] | None = None
+    mel: np.ndarray | None = None  # float32 [n_mels, frames]
+    chunks: AudioChunks | None = None
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON
+        raise OmniedgeError(f"cannot read tokenizer {path}: {e}", "re-export the bundle") from e
+
+
+def _load_embed(m: Manifest) -> np.ndarray:
+    try:
+        table = np.load(m.embed_file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise OmniedgeError(f"cannot read {m.embed_file}: {e}", "re-export the bundle") from e
+    if table.shape != m.embed_shape:
+        raise OmniedgeError(
+            f"{m.embed_file.name} has shape {table.shape}, the manifest says {m.embed_shape}",
+            "re-export the bundle",
+        )
+    return table
+
+
+class Omni:
+    """A loaded bundle: tokenizer, embedding table, and the vision / audio / thinker engines."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tokenizer: Any,
+        embed_table: np.ndarray,
+        engines: dict[str, EngineBackend],
+        max_context: int | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.embed_table = embed_table
+        self.engines = engines
+        t = manifest.text
+        self.max_context = min(max_context or t.max_position_embeddings, t.max_position_embeddings)
+        self.thinker = Thinker(engines["thinker"], t.num_layers, t.num_kv_heads, t.head_dim)
+        self._lock = threading.Lock()
+        a = manifest.audio
+        self._mel_filters = (
+            mel_filter_bank(a.n_mels, a.n_fft, a.sampling_rate, 0.0, a.sampling_rate / 2) if a else None
+        )
+        self.load_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        providers: str | Sequence[str] | None = None,
+        verify_checksums: bool = False,
+        max_context: int | None = None,
+    ) -> Omni:
+        """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`)."""
+        m = load_manifest(bundle_dir, verify_checksums=verify_checksums)
+        tokenizer = _load_tokenizer(m.tokenizer_file)
+        embed = _load_embed(m)
+        engines: dict[str, EngineBackend] = {}
+        for name, comp in m.components.items():
+            if name not in ("thinker", "vision", "audio"):
+                continue  # talker & co. are not runtime inputs yet
+            if comp.onnx is None:
+                raise OmniedgeError(
+                    f"bundle component {name} has only a TensorRT engine; this runtime runs ONNX for now",
+                    "keep the .onnx files in the bundle",
+                )
+            engines[name] = OrtBackend(name, comp.onnx, providers=providers)
+        omni = cls(m, tokenizer, embed, engines, max_context=max_context)
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            eng.load()
+            omni.load_seconds[name] = time.perf_counter() - t0
+        return omni
+
+    def close(self) -> None:
+        for eng in self.engines.values():
+            eng.unload()
+
+    def __enter__(self) -> Omni:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def footprint_bytes(self) -> int:
+        """Engine memory plus the embedding table (mapped, so counted at its full size)."""
+        return sum(e.footprint_bytes() for e in self.engines.values()) + int(self.embed_table.nbytes)
+
+    # ------------------------------------------------------------ preprocessing
+
+    def preprocess(
+        self,
+        prompt: str,
+        image: ImageInput | None = None,
+        audio: AudioInput | None = None,
+        system: str | None = None,
+    ) -> Request:
+        """Decode media and build model inputs in numpy (no engine runs here)."""
+        m = self.manifest
+        req_pixels = grid = mel = chunks = None
+        n_img = n_aud = 0
+        if image is not None:
+            if m.image is None:
+                raise OmniedgeError(
+                    f"bundle {m.root} has no vision engine", "export it with the vision encoder"
+                )
+            s = m.image
+            rgb = load_image(image)
+            req_pixels, grid = image_inputs(
+                rgb, s.size, s.patch_size, s.temporal_patch_size, s.merge_size, s.mean, s.std
+            )
+            n_img = s.num_tokens
+        if audio is not None:
+            if m.audio is None:
+                raise OmniedgeError(
+                    f"bundle {m.root} has no audio engine", "export it with the audio encoder"
+                )
+            a = m.audio
+            wav = load_audio(audio, a.sampling_rate, a.max_seconds, min_samples=a.n_fft)
+            mel = log_mel(wav, a.n_mels, a.n_fft, a.hop_length, a.sampling_rate, self._mel_filters)
+            chunks = audio_chunks(mel, a.n_window, a.n_window_infer)
+            n_aud = chunks.num_tokens
+        p = build_prompt(self.tokenizer, m.special_tokens, prompt, system, n_img, n_aud)
+        return Request(p, req_pixels, grid, mel, chunks)
+
+    # ------------------------------------------------------------ encoders
+
+    def encode_image(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.engines["vision"].run({"pixel_values": pixel_values})
+        return out["image_embeds"], out.get("deepstack_embeds")
+
+    def encode_audio(self, chunks: AudioChunks) -> np.ndarray:
+        out = self.engines["audio"].run(
+            {
+                "padded_features": chunks.padded_features,
+                "valid_indices": chunks.valid_indices,
+                "window_ids": chunks.window_ids,
+            }
+        )
+        return out["audio_embeds"]
+
+    def thinker_inputs(self, req: Request, timings: Timings | None = None) -> ThinkerInputs:
+        """Run the encoders and assemble the prefill inputs: embeddings, M-RoPE positions, deepstack."""
+        timings = timings if timings is not None else Timings()
+        m = self.manifest
+        img = ds = aud = None
+        if req.pixel_values is not None:
+            t0 = time.perf_counter()
+            img, ds = self.encode_image(req.pixel_values)
+            timings.image_encode_s = time.perf_counter() - t0
+        if req.chunks is not None:
+            t0 = time.perf_counter()
+            aud = self.encode_audio(req.chunks)
+            timings.audio_encode_s = time.perf_counter() - t0
+        ids = req.prompt.ids
+        embeds, deepstack = embed_prompt(
+            self.embed_table,
+            ids,
+            image_pad=m.special_tokens.get("image_pad"),
+            image_embeds=img,
+            deepstack=ds,
+            audio_pad=m.special_tokens.get("audio_pad"),
+            audio_embeds=aud,
+            num_deepstack=m.text.num_deepstack,
+        )
+        grids = [req.image_grid_thw] if req.image_grid_thw is not None else []
+        merge = m.image.merge_size if m.image else 2
+        pos, delta = rope_index(ids, m.special_tokens, grids, merge, m.position_id_per_seconds)
+        return ThinkerInputs(ids, embeds, pos[:, None, :], deepstack, delta)
+
+    # ------------------------------------------------------------ generation
+
+    def _events(
+        self,
+        prompt: str,
+        image: ImageInput | None,
+        audio: AudioInput | None,
+        params: SamplingParams,
+        system: str | None,
+        cancel: threading.Event | None,
+        on_token: Callable[[TokenEvent], None] | None,
+        timings: Timings,
+        token_ids: list[int],
+    ) -> Iterator[TokenEvent]:
+        params.check()
+        t_request = time.perf_counter()
+        req = self.preprocess(prompt, image, audio, system)
+        timings.preprocess_s = time.perf_counter() - t_request
+        inputs = self.thinker_inputs(req, timings)
+        for ev in run_generation(
+            self.thinker,
+            self.tokenizer,
+            self.embed_table,
+            inputs,
+            self.manifest.eos_token_ids,
+            params,
+            self.max_context,
+            timings,
+            cancel,
+            on_token,
+            t_request,
+        ):
+            token_ids.append(ev.token_id)
+            yield ev
+        timings.total_s = time.perf_counter() - t_request
+
+    def chat(
+        self,
+        prompt: str,
+        image: ImageInput | None = None,
+        audio: AudioInput | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> Result:
+        """Answer one request; `on_token` streams events as they come; `cancel.set()` stops early."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+        timings, ids = Timings(), []
+        with self._lock:
+            for _ in self._events(prompt, image, audio, params, system, cancel, on_token, timings, ids):
+                pass
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cancelled = cancel is not None and cancel.is_set()
+        return Result(text, ids, finish_reason(ids, self.manifest.eos_token_ids, cancelled), timings)
+
+    def stream(
+        self,
+        prompt: str,
+        image: ImageInput | None = None,
+        audio: AudioInput | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        system: str | None = None,
+        cancel: threading.Event | None = None,
+        timings: Timings | None = None,
+    ) -> Iterator[str]:
+        """Text pieces as they are generated. The lock is held until the iterator ends or is closed.
+
+        Bad arguments fail here, at the call; media and prompt errors at the first `next()`.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+        params.check()
+        return self._stream(
+            prompt, image, audio, params, system, cancel, timings if timings is not None else Timings()
+        )
+
+    def _stream(
+        self,
+        prompt: str,
+        image: ImageInput | None,
+        audio: AudioInput | None,
+        params: SamplingParams,
+        system: str | None,
+        cancel: threading.Event | None,
+        timings: Timings,
+    ) -> Iterator[str]:
+        ids: list[int] = []
+        with self._lock:
+            for ev in self._events(prompt, image, audio, params, system, cancel, None, timings, ids):
+                if ev.text:
+                    yield ev.text

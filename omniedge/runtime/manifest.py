@@ -1,0 +1,332 @@
+"""Read and check a bundle's manifest.json (docs/artifacts.md §2) before any engine is touched.
+
+A bad bundle must fail here, in one sentence that names the file and the fix, not deep inside
+onnxruntime. The runtime reads everything it needs from this object and nothing from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omniedge.errors import OmniedgeError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+_REEXPORT = "re-export the bundle with `omniedge export CHECKPOINT -o BUNDLE`"
+# Special tokens the runtime needs for each kind of request.
+TEXT_TOKENS = ("im_start", "im_end")
+IMAGE_TOKENS = ("vision_start", "vision_end", "image_pad")
+AUDIO_TOKENS = ("audio_start", "audio_end", "audio_pad")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    onnx: Path | None
+    engine: Path | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    weight_bytes: int
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_deepstack: int
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: tuple[int, int]  # (height, width) the vision graph was built for
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    sampling_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    n_window: int
+    n_window_infer: int
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    raw: dict[str, Any]
+    model_name: str
+    tokenizer_file: Path
+    special_tokens: dict[str, int]
+    eos_token_ids: tuple[int, ...]
+    text: TextSpec
+    embed_file: Path
+    embed_dtype: str
+    embed_shape: tuple[int, int]
+    image: ImageSpec | None
+    audio: AudioSpec | None
+    position_id_per_seconds: float
+    components: dict[str, ComponentSpec]
+
+    def token(self, name: str) -> int:
+        """Id of a special token by short name, or a clear error if the bundle lacks it."""
+        if name not in self.special_tokens:
+            raise OmniedgeError(f"bundle {self.root} has no special token {name!r}", _REEXPORT)
+        return self.special_tokens[name]
+
+
+def _bad(root: Path, what: str) -> OmniedgeError:
+    return OmniedgeError(f"bundle {root}: {MANIFEST_FILE} {what}", _REEXPORT)
+
+
+def _get(d: dict[str, Any], key: str, root: Path, where: str, kind: type | tuple[type, ...] = object) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise _bad(root, f"has no {where}{key!r}")
+    value = d[key]
+    if kind is not object and (
+        not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind,))
+    ):
+        raise _bad(root, f"field {where}{key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _positive_int(d: dict[str, Any], key: str, root: Path, where: str, allow_zero: bool = False) -> int:
+    v = _get(d, key, root, where, int)
+    if v < 0 or (v == 0 and not allow_zero):
+        raise _bad(root, f"field {where}{key!r} must be a positive integer, got {v}")
+    return int(v)
+
+
+def _tensors(items: Any, root: Path, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list):
+        raise _bad(root, f"field {where} must be a list of {{name, shape, dtype}}")
+    out = []
+    for it in items:
+        name = _get(it, "name", root, f"{where}[].", str)
+        shape = tuple(_get(it, "shape", root, f"{where}[].", list))
+        out.append(TensorSpec(name=name, shape=shape, dtype=str(it.get("dtype", "float32"))))
+    return tuple(out)
+
+
+def _component(name: str, c: Any, root: Path) -> ComponentSpec:
+    where = f"components.{name}."
+    if not isinstance(c, dict):
+        raise _bad(root, f"field components.{name} is not an object")
+    onnx = c.get("onnx")
+    engine = c.get("engine")
+    if not onnx and not engine:
+        raise _bad(root, f"component {name!r} names neither an onnx nor an engine file")
+    sha = c.get("sha256") or {}
+    if not isinstance(sha, dict):
+        raise _bad(root, f"field {where}sha256 must map file names to hashes")
+    return ComponentSpec(
+        name=name,
+        onnx=root / onnx if onnx else None,
+        engine=root / engine if engine else None,
+        inputs=_tensors(c.get("inputs", []), root, where + "inputs"),
+        outputs=_tensors(c.get("outputs", []), root, where + "outputs"),
+        weight_bytes=int(c.get("weight_bytes") or 0),
+        sha256={str(k): str(v) for k, v in sha.items()},
+    )
+
+
+def _image(d: dict[str, Any], root: Path) -> ImageSpec:
+    w = "preprocess.image."
+    size = _get(d, "size", root, w, list)
+    grid = _get(d, "grid_thw", root, w, list)
+    if len(size) != 2 or len(grid) != 3:
+        raise _bad(root, "field preprocess.image.size must be [height, width] and grid_thw [t, h, w]")
+    spec = ImageSpec(
+        size=(int(size[0]), int(size[1])),
+        patch_size=_positive_int(d, "patch_size", root, w),
+        temporal_patch_size=_positive_int(d, "temporal_patch_size", root, w),
+        merge_size=_positive_int(d, "merge_size", root, w),
+        mean=tuple(float(x) for x in _get(d, "mean", root, w, list)),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in _get(d, "std", root, w, list)),  # type: ignore[arg-type]
+        grid_thw=(int(grid[0]), int(grid[1]), int(grid[2])),
+        num_tokens=_positive_int(d, "num_tokens", root, w),
+    )
+    unit = spec.patch_size * spec.merge_size
+    if spec.size[0] % unit or spec.size[1] % unit:
+        raise _bad(root, f"image size {spec.size} is not a multiple of patch*merge = {unit}")
+    if (spec.size[0] // spec.patch_size, spec.size[1] // spec.patch_size) != spec.grid_thw[1:]:
+        raise _bad(root, f"image grid_thw {spec.grid_thw} does not match size {spec.size}")
+    t, h, wd = spec.grid_thw
+    if t * h * wd // spec.merge_size**2 != spec.num_tokens:
+        raise _bad(root, f"image num_tokens {spec.num_tokens} does not match grid_thw {spec.grid_thw}")
+    if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+        raise _bad(root, "image mean/std must be 3 numbers each, std > 0")
+    return spec
+
+
+def _audio(d: dict[str, Any], root: Path) -> AudioSpec:
+    w = "preprocess.audio."
+    max_s = _get(d, "max_seconds", root, w, (int, float))
+    if max_s <= 0:
+        raise _bad(root, "field preprocess.audio.max_seconds must be > 0")
+    return AudioSpec(
+        sampling_rate=_positive_int(d, "sampling_rate", root, w),
+        n_fft=_positive_int(d, "n_fft", root, w),
+        hop_length=_positive_int(d, "hop_length", root, w),
+        n_mels=_positive_int(d, "n_mels", root, w),
+        n_window=_positive_int(d, "n_window", root, w),
+        n_window_infer=_positive_int(d, "n_window_infer", root, w),
+        max_seconds=float(max_s),
+    )
+
+
+def _read_json(root: Path) -> dict[str, Any]:
+    if not root.exists():
+        raise OmniedgeError(
+            f"bundle not found: {root}",
+            "pass a directory written by `omniedge export`, or omit it for the default",
+        )
+    if not root.is_dir():
+        raise OmniedgeError(
+            f"{root} is a file, not a bundle directory", "pass the directory holding manifest.json"
+        )
+    f = root / MANIFEST_FILE
+    if not f.is_file():
+        hint = " (it looks like a checkpoint: export it first)" if (root / "config.json").is_file() else ""
+        raise OmniedgeError(f"{root} is not an engine bundle: it has no {MANIFEST_FILE}{hint}", _REEXPORT)
+    try:
+        raw = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniedgeError(f"{f} is not valid JSON ({e})", _REEXPORT) from e
+    if not isinstance(raw, dict):
+        raise _bad(root, "is not a JSON object")
+    return raw
+
+
+def _check_schema(raw: dict[str, Any], root: Path) -> None:
+    version = raw.get("schema_version")
+    if version is None:
+        raise _bad(root, "has no schema_version: it was not written by omniedge export")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise OmniedgeError(
+            f"bundle {root} has manifest schema_version {version!r}; this omniedge reads {SCHEMA_VERSION}",
+            "upgrade omniedge on this device" if newer else _REEXPORT,
+        )
+
+
+def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Manifest:
+    """Parse and validate a bundle's manifest; check that every file it names is there (and its hash)."""
+    root = Path(bundle_dir).expanduser().resolve()
+    raw = _read_json(root)
+    _check_schema(raw, root)
+
+    special = _get(raw, "special_tokens", root, "", dict)
+    special = {str(k): int(v) for k, v in special.items()}
+    for name in TEXT_TOKENS:
+        if name not in special:
+            raise _bad(root, f"special_tokens lacks {name!r}")
+    eos = _get(raw, "eos_token_ids", root, "", list)
+    if not eos:
+        raise _bad(root, "eos_token_ids is empty: generation could never stop")
+    t = _get(raw, "text", root, "", dict)
+    text = TextSpec(
+        hidden_size=_positive_int(t, "hidden_size", root, "text."),
+        num_layers=_positive_int(t, "num_layers", root, "text."),
+        num_kv_heads=_positive_int(t, "num_kv_heads", root, "text."),
+        head_dim=_positive_int(t, "head_dim", root, "text."),
+        vocab_size=_positive_int(t, "vocab_size", root, "text."),
+        max_position_embeddings=_positive_int(t, "max_position_embeddings", root, "text."),
+        num_deepstack=_positive_int(t, "num_deepstack", root, "text.", allow_zero=True),
+    )
+    emb = _get(raw, "embed_tokens", root, "", dict)
+    emb_shape = tuple(int(x) for x in _get(emb, "shape", root, "embed_tokens.", list))
+    if len(emb_shape) != 2 or emb_shape[1] != text.hidden_size:
+        raise _bad(root, f"embed_tokens.shape {list(emb_shape)} is not [vocab, {text.hidden_size}]")
+
+    pre = _get(raw, "preprocess", root, "", dict)
+    comps_raw = _get(raw, "components", root, "", dict)
+    components = {k: _component(k, v, root) for k, v in comps_raw.items() if v}
+    if "thinker" not in components:
+        raise _bad(root, "has no thinker component")
+    image = _image(pre["image"], root) if pre.get("image") and "vision" in components else None
+    audio = _audio(pre["audio"], root) if pre.get("audio") and "audio" in components else None
+    for needed, spec in ((IMAGE_TOKENS, image), (AUDIO_TOKENS, audio)):
+        for name in needed if spec is not None else ():
+            if name not in special:
+                raise _bad(root, f"special_tokens lacks {name!r}")
+
+    m = Manifest(
+        root=root,
+        raw=raw,
+        model_name=str((raw.get("model") or {}).get("name", "unknown")),
+        tokenizer_file=root / str(_get(raw, "tokenizer", root, "", str)),
+        special_tokens=special,
+        eos_token_ids=tuple(int(x) for x in eos),
+        text=text,
+        embed_file=root / str(_get(emb, "file", root, "embed_tokens.", str)),
+        embed_dtype=str(emb.get("dtype", "float32")),
+        embed_shape=(emb_shape[0], emb_shape[1]),
+        image=image,
+        audio=audio,
+        position_id_per_seconds=float(pre.get("position_id_per_seconds", 13)),
+        components=components,
+    )
+    _check_files(m)
+    if verify_checksums:
+        verify(m)
+    return m
+
+
+def _check_files(m: Manifest) -> None:
+    missing = [p for p in (m.tokenizer_file, m.embed_file) if not p.is_file()]
+    for c in m.components.values():
+        paths = [p for p in (c.onnx, c.engine) if p is not None]
+        if not any(p.is_file() for p in paths):
+            missing.extend(paths)
+        missing.extend(m.root / name for name in c.sha256 if not (m.root / name).is_file())
+    if missing:
+        names = ", ".join(sorted({str(p.relative_to(m.root)) for p in missing}))
+        raise OmniedgeError(
+            f"bundle {m.root} is incomplete: missing {names}",
+            "copy the whole bundle directory (external .data files too) or " + _REEXPORT,
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(m: Manifest) -> None:
+    """Compare every file hash the manifest records; a partial copy or bit rot fails here."""
+    for c in m.components.values():
+        for name, expected in c.sha256.items():
+            got = sha256_file(m.root / name)
+            if got != expected:
+                raise OmniedgeError(
+                    f"bundle {m.root}: {name} is damaged (sha256 {got[:12]}..., manifest says {expected[:12]}...)",
+                    "copy the file again from the machine that exported it, or " + _REEXPORT,
+                )
