@@ -1,0 +1,311 @@
+"""INT4 weights stay INT4 inside the exported graphs.
+
+A quantized checkpoint (docs/artifacts.md §1) carries `int4.safetensors` in ONNX Runtime's MatMulNBits
+layout. Linear layers become `com.microsoft.MatMulNBits` (a torch custom op whose ONNX translation is
+that contrib op; no zero_points input means zero point 8, checked against onnxruntime in the tests);
+fused MoE experts gather only the top-k experts' packed bytes and scales and unpack them with standard
+ONNX ops (Gather, Cast, Floor, Mul, Sub), which every onnxruntime >= 1.20 runs: the graph holds
+no float copy of any quantized weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omniedge.errors import OmniedgeError
+
+BITS = 4
+BLOCK = 128
+ZERO_POINT = 8
+CONFIG_KEY = "omniedge_quantization"
+_REQUANTIZE = "re-run `omniedge compress` to rewrite the checkpoint"
+
+
+# ---------------------------------------------------------------- names
+
+
+def canonical_name(name: str) -> str:
+    """One spelling for a parameter whatever the transformers release or file it came from.
+
+    On-disk checkpoints and transformers 5.17 say `thinker.model.layers...`, `thinker.audio_tower...`,
+    `thinker.visual...`; transformers >= 5.2x in memory says `thinker.model.language_model.layers...`,
+    `thinker.model.audio_tower...`, `thinker.model.visual...`. A bare thinker lacks the `thinker.` prefix.
+    """
+    n = name if name.startswith("thinker.") else f"thinker.{name}"
+    for new_style, old_style in (
+        ("thinker.model.language_model.", "thinker.model."),
+        ("thinker.model.audio_tower.", "thinker.audio_tower."),
+        ("thinker.model.visual.", "thinker.visual."),
+    ):
+        if n.startswith(new_style):
+            return old_style + n[len(new_style) :]
+    return n
+
+
+# ---------------------------------------------------------------- the quantized tensors
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One quantized parameter: qweight uint8 [..., N, nb, 64], scales float32 [..., N, nb], K."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    k: int
+
+    @property
+    def n(self) -> int:
+        return int(self.qweight.shape[-3])
+
+
+class Int4Store:
+    """The packed INT4 tensors of a checkpoint, looked up by (any spelling of) parameter name."""
+
+    def __init__(self, packed: dict[str, PackedWeight], source: str) -> None:
+        self.packed = packed
+        self.source = source
+        self.used: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def get(self, name: str) -> PackedWeight | None:
+        key = canonical_name(name)
+        hit = self.packed.get(key)
+        if hit is not None:
+            self.used.add(key)
+        return hit
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.packed) - self.used)
+
+
+def load_int4(checkpoint: Path, model: Any) -> Int4Store | None:
+    """The checkpoint's INT4 tensors, checked against the model's float (dequantized) weights; None if
+    the checkpoint is not quantized."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    q = cfg.get(CONFIG_KEY)
+    if not q:
+        return None
+    if (q.get("bits"), q.get("group_size")) != (BITS, BLOCK) or not q.get("symmetric", True):
+        raise OmniedgeError(
+            f"{checkpoint}: {CONFIG_KEY} asks for bits={q.get('bits')} group_size={q.get('group_size')}; "
+            f"export supports symmetric INT4 with group {BLOCK} (MatMulNBits layout)",
+            _REQUANTIZE,
+        )
+    if int(q.get("zero_point", ZERO_POINT)) != ZERO_POINT:
+        raise OmniedgeError(f"{checkpoint}: zero_point must be {ZERO_POINT}", _REQUANTIZE)
+    f = checkpoint / str(q.get("file", "int4.safetensors"))
+    if not f.is_file():
+        raise OmniedgeError(f"{checkpoint} says it is INT4 but has no {f.name}", _REQUANTIZE)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise OmniedgeError(f"{f} is not a readable safetensors file ({e})", _REQUANTIZE) from e
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    names = q.get("modules") or sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    packed: dict[str, PackedWeight] = {}
+    for name in names:
+        qw, sc = tensors.get(f"{name}.qweight"), tensors.get(f"{name}.scales")
+        if qw is None or sc is None:
+            raise OmniedgeError(f"{f.name} lacks {name}.qweight or {name}.scales", _REQUANTIZE)
+        key = canonical_name(name)
+        p = params.get(key)
+        if p is None:
+            raise OmniedgeError(f"{f.name} quantizes {name}, which the model does not have", _REQUANTIZE)
+        k = int(p.shape[-1])
+        nb = math.ceil(k / BLOCK)
+        want_q = (*p.shape[:-1], nb, BLOCK // 2)
+        if qw.dtype != torch.uint8 or tuple(qw.shape) != want_q or tuple(sc.shape) != want_q[:-1]:
+            raise OmniedgeError(
+                f"{f.name}: {name} has qweight {tuple(qw.shape)} {qw.dtype} / scales {tuple(sc.shape)}, "
+                f"expected uint8 {want_q} / {want_q[:-1]} for a weight of shape {tuple(p.shape)}",
+                _REQUANTIZE,
+            )
+        packed[key] = PackedWeight(qw.contiguous(), sc.to(torch.float32).contiguous(), k)
+    return Int4Store(packed, str(f))
+
+
+def warn_unused(store: Int4Store | None) -> list[str]:
+    """Quantized tensors no graph consumed as INT4 (exported as float, e.g. a conv): say so, return them."""
+    if store is None:
+        return []
+    left = store.unused()
+    if left:
+        warnings.warn(
+            f"{len(left)} INT4 tensors have no INT4 form in the graphs and were exported as float: "
+            + ", ".join(left[:5])
+            + (" ..." if len(left) > 5 else ""),
+            stacklevel=2,
+        )
+    return left
+
+
+# ---------------------------------------------------------------- MatMulNBits as a torch custom op
+
+
+def _unpack(qweight: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., N, nb, 64] uint8 + [..., N, nb] -> float32 [..., N, K]: (q - 8) * scale, low nibble first.
+
+    Written with ops that export to plain ONNX, so the gathered-experts path is the same code in torch
+    and in the graph. Nibbles are split in float (exact below 256): the exporter types a uint8 right
+    shift as int8, and onnxruntime has no uint8 Div."""
+    qf = qweight.to(torch.float32)
+    hi = torch.floor(qf * (1.0 / 16.0))
+    lo = qf - hi * 16.0
+    q = torch.stack((lo, hi), dim=-1).flatten(-2) - float(ZERO_POINT)
+    w = (q * scales.unsqueeze(-1)).flatten(-2)
+    return w[..., :k]
+
+
+@torch.library.custom_op("omniedge::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, k: int, n: int
+) -> torch.Tensor:
+    """x [..., K] @ dequant(B)^T -> [..., N]; B, scales in MatMulNBits layout (scales flat [N*nb])."""
+    w = _unpack(qweight, scales.reshape(n, -1), k)
+    return torch.matmul(x, w.transpose(0, 1))
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, k: int, n: int
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _declare_contrib_schema() -> None:
+    """onnxscript builds nodes from onnx schemas; ORT's contrib ops have none in onnx, so declare the one
+    we emit (inputs, outputs, attributes as ORT defines them) before exporting."""
+    import onnx.defs as D
+
+    try:
+        D.get_schema("MatMulNBits", 1, "com.microsoft")
+        return
+    except Exception:  # onnx raises SchemaError when missing
+        pass
+    fp = D.OpSchema.FormalParameter
+    attr = D.OpSchema.Attribute
+    D.register_schema(
+        D.OpSchema(
+            "MatMulNBits",
+            "com.microsoft",
+            1,
+            doc="onnxruntime contrib op; declared so the exporter can emit it (ORT owns the real schema)",
+            inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1")],
+            outputs=[fp("Y", "T1")],
+            type_constraints=[
+                ("T1", ["tensor(float)", "tensor(float16)"], "activations and scales"),
+                ("T2", ["tensor(uint8)"], "packed 4-bit weights"),
+            ],
+            attributes=[
+                attr("K", D.OpSchema.AttrType.INT, "input width"),
+                attr("N", D.OpSchema.AttrType.INT, "output width"),
+                attr("bits", D.OpSchema.AttrType.INT, "bits per weight"),
+                attr("block_size", D.OpSchema.AttrType.INT, "weights per scale"),
+            ],
+        )
+    )
+
+
+def translation_table() -> dict[Any, Any]:
+    """custom_translation_table for torch.onnx.export: our custom op -> com.microsoft.MatMulNBits."""
+    import onnxscript
+
+    _declare_contrib_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def onnx_matmul_nbits(x: Any, qweight: Any, scales: Any, k: int, n: int) -> Any:
+        return msft.MatMulNBits(x, qweight, scales, K=k, N=n, bits=BITS, block_size=BLOCK)
+
+    return {torch.ops.omniedge.matmul_nbits.default: onnx_matmul_nbits}
+
+
+# ---------------------------------------------------------------- modules the graph wrappers use
+
+
+class Int4Linear(nn.Module):
+    """An nn.Linear whose weight lives as MatMulNBits B/scales buffers (no float copy)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if packed.qweight.dim() != 3:
+            raise ValueError("Int4Linear needs a 2-D weight")
+        self.k, self.n = packed.k, packed.n
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales.reshape(-1))  # ORT >= 1.20 takes flat [N * nb]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.omniedge.matmul_nbits(x, self.qweight, self.scales, self.k, self.n)
+        return y if self.bias is None else y + self.bias
+
+
+class DenseLinear(nn.Module):
+    """A float weight [N, K] (+ bias) applied as x @ W^T: for raw parameters (routers) and conv-as-matmul."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> canonical name, so wrappers can ask the INT4 store about any submodule they hold."""
+    return {id(m): canonical_name(n) for n, m in model.named_modules() if n}
+
+
+def linear(
+    module_or_weight: nn.Module | torch.Tensor,
+    name: str,
+    store: Int4Store | None,
+    bias: torch.Tensor | None = None,
+) -> nn.Module:
+    """The graph's version of a linear layer: INT4 when `name`.weight is quantized, else float.
+
+    `module_or_weight` is an nn.Linear (reused as is when float) or a raw [N, K] weight tensor; `name` is
+    the module's parameter prefix (`...q_proj`) or, for a raw tensor, the parameter's full name."""
+    if isinstance(module_or_weight, nn.Linear):
+        weight, bias, pname = module_or_weight.weight, module_or_weight.bias, f"{name}.weight"
+    else:
+        weight, pname = module_or_weight, name
+    packed = store.get(pname) if store is not None else None
+    if packed is not None:
+        return Int4Linear(packed, bias)
+    if isinstance(module_or_weight, nn.Linear):
+        return module_or_weight
+    return DenseLinear(weight, bias)
+
+
+class ExpertBank(nn.Module):
+    """Fused expert weights [E, N, K], float or INT4, of which a graph gathers only the chosen rows."""
+
+    def __init__(self, weight: torch.Tensor, name: str, store: Int4Store | None) -> None:
+        super().__init__()
+        packed = store.get(name) if store is not None else None
+        self.k = int(weight.shape[-1])
+        self.int4 = packed is not None
+        if packed is not None:
+            self.register_buffer("qweight", packed.qweight)  # [E, N, nb, 64]
+            self.register_buffer("scales", packed.scales)  # [E, N, nb]
+        else:
+            self.weight = weight  # the transformers parameter itself, shared, not copied
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [S, N, K] weights of experts `ids` [S]; INT4 unpacks only those experts."""
+        if self.int4:
+            return _unpack(self.qweight[ids], self.scales[ids], self.k)
+        return self.weight[ids]
