@@ -95,10 +95,8 @@ def test_audio_chunks_match_transformers(frames: int) -> None:
     valid = m.get_valid_indices(chunk_lengths, 50)
     cu = m.get_audio_cu_seqlens(chunk_lengths, lens, 800, 50)
 
-    width = padded.shape[2]  # transformers pads to the longest chunk; the graph takes full chunks
-    assert ours.padded_features.shape == (padded.shape[0], 128, 100)
-    np.testing.assert_array_equal(ours.padded_features[:, :, :width], padded.numpy())
-    assert not ours.padded_features[:, :, width:].any()
+    # Both pad to the longest chunk: padding further would change the last tokens (conv biases).
+    np.testing.assert_array_equal(ours.padded_features, padded.numpy())
     np.testing.assert_array_equal(ours.chunk_lengths, chunk_lengths.numpy())
     np.testing.assert_array_equal(ours.valid_indices, valid.numpy())
     np.testing.assert_array_equal(ours.cu_seqlens, cu.numpy())

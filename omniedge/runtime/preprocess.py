@@ -111,7 +111,8 @@ class AudioChunks:
 def audio_chunks(features: np.ndarray, n_window: int = 50, n_window_infer: int = 800) -> AudioChunks:
     """Split a log-mel [n_mels, frames] into encoder chunks and compute which conv outputs are real tokens
     and which attention window each belongs to (transformers: chunk_and_pad_features, get_valid_indices,
-    get_audio_cu_seqlens). Chunks are always padded to the full 2*n_window frames, as the graph expects."""
+    get_audio_cu_seqlens). Chunks are padded to the longest chunk, as transformers does: padding a short
+    clip further would let the conv biases of the padding leak into its last tokens."""
     n_mels, frames = features.shape
     if frames < 1:
         raise ValueError("no mel frames")
@@ -120,13 +121,14 @@ def audio_chunks(features: np.ndarray, n_window: int = 50, n_window_infer: int =
     lengths = np.full(num_chunks, chunk, dtype=np.int64)
     if frames % chunk:
         lengths[-1] = frames % chunk
-    padded = np.zeros((num_chunks, n_mels, chunk), dtype=np.float32)
+    longest = int(lengths.max())
+    padded = np.zeros((num_chunks, n_mels, longest), dtype=np.float32)
     for c in range(num_chunks):
         seg = features[:, c * chunk : c * chunk + lengths[c]]
         padded[c, :, : seg.shape[1]] = seg
 
     per_chunk = np.asarray(conv_output_length(lengths, n_window), dtype=np.int64)
-    full = int(conv_output_length(chunk, n_window))  # conv outputs of a padded chunk
+    full = int(conv_output_length(longest, n_window))  # conv outputs of a padded chunk
     valid = (np.arange(full)[None, :] < per_chunk[:, None]).reshape(-1).nonzero()[0].astype(np.int64)
 
     total = int(conv_output_length(frames, n_window))
