@@ -151,7 +151,7 @@ def bench_cli(bundle: str | None, runs: int, new_tokens: int, json_path: Path | 
     if bundle is None:
         from omniedge.defaults import default_bundle
 
-        path = default_bundle()
+        path = default_bundle(subprocess=True)
     else:
         path = Path(bundle)
         load_manifest(path)  # a clear error for a path that is not a bundle
