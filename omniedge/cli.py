@@ -18,6 +18,8 @@ EPILOGS = {
     "bench": "example:\n  omniedge bench                    # default model, built and cached on first use\n"
     "  omniedge bench out/omni-bundle --runs 10 --json bench/results/orin.json",
     "info": "example:\n  omniedge info out/tiny-int4\n  omniedge info out/tiny-bundle",
+    "eval": "example:\n  omniedge eval omni-mini --json eval.json\n"
+    "  omniedge eval --compare omni-mini out/mini-int4      # retention table, student / teacher",
 }
 
 
@@ -83,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
 
     i = cmd("info", "Describe a checkpoint or an engine bundle.")
     i.add_argument("path", type=Path)
+
+    v = cmd(
+        "eval",
+        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
+    )
+    v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
+    v.add_argument("--suite", default="omni-mini", help="evaluation suite (default: omni-mini)")
+    v.add_argument("--compare", nargs=2, metavar=("TEACHER", "STUDENT"), help="print the retention table")
+    v.add_argument("--json", type=Path, help="write every number as JSON")
+    v.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
 
@@ -115,6 +127,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from omniedge.bench.harness import bench_cli
 
         bench_cli(args.bundle, runs=args.runs, new_tokens=args.new_tokens, json_path=args.json)
+    elif args.command == "eval":
+        from omniedge.eval.cli import eval_cli
+
+        if args.model is None and args.compare is None:
+            raise OmniedgeError(
+                "nothing to evaluate", "pass a checkpoint (or `omni-mini`), or --compare TEACHER STUDENT"
+            )
+        compare = tuple(args.compare) if args.compare else None
+        eval_cli(args.model, args.suite, compare, args.json, args.device)
     elif args.command == "info":
         from omniedge.info import info_cli
 

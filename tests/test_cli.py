@@ -9,11 +9,13 @@ import pytest
 
 from omniedge.cli import main
 
-SUBCOMMANDS = ["compress", "export", "build", "run", "bench", "info"]
+SUBCOMMANDS = ["compress", "export", "build", "run", "bench", "info", "eval"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "omniedge", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "omniedge", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

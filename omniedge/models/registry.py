@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omniedge.paths import home
 
-BUILT_IN = ("tiny",)
+BUILT_IN = ("tiny", "omni-mini")
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -24,6 +24,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
             write_tiny(path)
         return path
+    if s == "omni-mini":  # trained, shipped inside the package
+        from omniedge.models.omni_mini import omni_mini_path
+
+        return omni_mini_path()
     from omniedge.checkpoint import check_checkpoint_dir
 
     return check_checkpoint_dir(s)
