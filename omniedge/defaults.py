@@ -13,7 +13,7 @@ from omniedge import __version__
 from omniedge.errors import OmniedgeError
 from omniedge.paths import home
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "omni-mini"  # trained, shipped in the package (docs/omni-mini.md)
 
 
 def _code_hash() -> str:
@@ -33,9 +33,24 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+def _weights_hash(model: str) -> str:
+    """The shipped checkpoint's omniedge.json lists its files' hashes: new weights, new bundle."""
+    from omniedge.models.omni_mini import OMNI_MINI_DIR
+
+    meta = OMNI_MINI_DIR / "omniedge.json"
+    return hashlib.sha256(meta.read_bytes()).hexdigest() if model == "omni-mini" and meta.is_file() else ""
+
+
 def _key(model: str, recipe: dict) -> str:
     blob = json.dumps(
-        {"omniedge": __version__, "model": model, "recipe": recipe, "code": _code_hash()}, sort_keys=True
+        {
+            "omniedge": __version__,
+            "model": model,
+            "recipe": recipe,
+            "code": _code_hash(),
+            "weights": _weights_hash(model),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
