@@ -20,20 +20,10 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.models.family import SPECIAL_TOKENS
 
-# Token texts of the chat format (the same strings as omniedge.models.family.SPECIAL_TOKENS).
-TOKEN_TEXT = {
-    "im_start": "<|im_start|>",
-    "im_end": "<|im_end|>",
-    "endoftext": "<|endoftext|>",
-    "vision_start": "<|vision_start|>",
-    "vision_end": "<|vision_end|>",
-    "image_pad": "<|image_pad|>",
-    "video_pad": "<|video_pad|>",
-    "audio_start": "<|audio_start|>",
-    "audio_end": "<|audio_end|>",
-    "audio_pad": "<|audio_pad|>",
-}
+# Token texts of the chat format: one table for the whole project (family.py imports no torch).
+TOKEN_TEXT = SPECIAL_TOKENS
 
 
 @dataclass
