@@ -459,3 +459,24 @@ def test_interrupted_run_leaves_nothing_and_resumes(
     meta = json.loads((out / "omniedge.json").read_text())
     assert meta["calibration"]["cached"] is True
     assert (out / "int4.safetensors").is_file()
+
+
+def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
+    """The data-set source gives text, image and speech requests from the train split (small set)."""
+    import numpy as np
+
+    pytest.importorskip("soundfile")
+    from omniedge.compress.calibration import get_source
+    from omniedge.compress.calibration_data import ASR_PROMPT
+    from omniedge.data.build import build_dataset, load_split
+
+    source = get_source("omni-mini-data-small")
+    rng = np.random.default_rng(0)
+    text = source("text", 3, {}, rng)
+    images = source("image", 2, {}, rng)
+    audio = source("audio", 2, {}, rng)
+    train_texts = {r["text"][:1200] for r in load_split(build_dataset(size="small"), "text", "train")}
+    assert all(r.reply in train_texts and r.image is None for r in text)
+    assert all(r.image is not None and r.image.dtype == np.uint8 and r.image.ndim == 3 for r in images)
+    assert all(r.prompt == ASR_PROMPT and r.audio is not None and r.audio.size > 8000 for r in audio)
+    assert {r.kind for r in images} == {"image"} and {r.kind for r in audio} == {"audio"}

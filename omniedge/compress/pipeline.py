@@ -16,6 +16,7 @@ from typing import Any
 
 from omniedge.atomic import atomic_write_bytes
 from omniedge.checkpoint import META_FILE, file_sha256, load_checkpoint, read_meta, save_checkpoint
+from omniedge.compress import calibration_data  # noqa: F401  (registers the data-set sources)
 from omniedge.compress.calibration import RouterStats, calibrate, heldout_texts
 from omniedge.compress.measure import Reference, compare, reference
 from omniedge.compress.prune import keep_count, prune
