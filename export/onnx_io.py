@@ -180,3 +180,11 @@ def component_record(path: Path, bundle: Path) -> dict[str, Any]:
         "weight_bytes": weight_bytes(path),
         "sha256": {str(f.relative_to(bundle)): file_sha256(f) for f in graph_files(path)},
     }
+
+
+def rotate_half(x: Any) -> Any:
+    """The rotary-embedding half swap both graph wrappers use (thinker M-RoPE and vision RoPE)."""
+    import torch
+
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

@@ -20,12 +20,7 @@ import torch
 from torch import nn
 
 from omniedge.export.int4_graph import ExpertBank, Int4Store, linear
-from omniedge.export.onnx_io import export_graph
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from omniedge.export.onnx_io import export_graph, rotate_half
 
 
 class _Attention(nn.Module):
@@ -54,8 +49,8 @@ class _Attention(nn.Module):
         k = self.k_norm(self.k(h).view(shape)).transpose(1, 2)
         v = self.v(h).view(shape).transpose(1, 2)
         c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + _rotate_half(q) * sn
-        k = k * c + _rotate_half(k) * sn
+        q = q * c + rotate_half(q) * sn
+        k = k * c + rotate_half(k) * sn
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
         kr = k.repeat_interleave(self.groups, dim=1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from omniedge.errors import OmniedgeError
 from omniedge.export.int4_graph import Int4Store, linear
-from omniedge.export.onnx_io import export_graph
+from omniedge.export.onnx_io import export_graph, rotate_half
 
 DEFAULT_SIZE = 448  # Qwen's usual image side: 196 tokens with patch 16 and merge 2
 
@@ -90,11 +90,6 @@ def vision_constants(visual: nn.Module, grid_thw: tuple[int, int, int]) -> tuple
     return captured["hidden"].clone(), cos.clone(), sin.clone()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class _Attention(nn.Module):
     def __init__(self, attn: nn.Module, names: dict[int, str], store: Int4Store | None) -> None:
         super().__init__()
@@ -107,8 +102,8 @@ class _Attention(nn.Module):
         s = h.shape[0]
         q, k, v = self.qkv(h).reshape(s, 3, self.heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, heads, D]
         c, sn = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q = q * c + _rotate_half(q) * sn
-        k = k * c + _rotate_half(k) * sn
+        q = q * c + rotate_half(q) * sn
+        k = k * c + rotate_half(k) * sn
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, S, D]
         w = torch.softmax(torch.matmul(q, k.transpose(1, 2)) * self.scaling, dim=-1)
         return self.proj(torch.matmul(w, v).transpose(0, 1).reshape(s, -1))
