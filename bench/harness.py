@@ -145,7 +145,9 @@ def run_bench(
     return report
 
 
-def bench_cli(bundle: str | None, runs: int, new_tokens: int, json_path: Path | None) -> dict[str, Any]:
+def bench_cli(
+    bundle: str | None, runs: int, new_tokens: int, json_path: Path | None, providers: str | None = None
+) -> dict[str, Any]:
     from omniedge.runtime.manifest import load_manifest
 
     if bundle is None:
@@ -155,7 +157,7 @@ def bench_cli(bundle: str | None, runs: int, new_tokens: int, json_path: Path | 
     else:
         path = Path(bundle)
         load_manifest(path)  # a clear error for a path that is not a bundle
-    report = run_bench(path, runs=runs, new_tokens=new_tokens)
+    report = run_bench(path, runs=runs, new_tokens=new_tokens, providers=providers)
     if json_path is None:
         from omniedge.paths import home
 

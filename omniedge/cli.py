@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--system", help="system prompt (default: none)")
+    r.add_argument(
+        "--providers",
+        help="onnxruntime execution providers: cpu (default), cuda, trt, auto (best available), or a comma list",
+    )
 
     n = cmd(
         "bench",
@@ -82,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--runs", type=int, default=5, help="timed repetitions per measurement")
     n.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per generation run")
     n.add_argument("--json", type=Path, help="where to write the JSON report (default: print path in cache)")
+    n.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
 
     i = cmd("info", "Describe a checkpoint or an engine bundle.")
     i.add_argument("path", type=Path)
@@ -122,11 +128,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            providers=args.providers,
+            system=args.system,
         )
     elif args.command == "bench":
         from omniedge.bench.harness import bench_cli
 
-        bench_cli(args.bundle, runs=args.runs, new_tokens=args.new_tokens, json_path=args.json)
+        bench_cli(
+            args.bundle,
+            runs=args.runs,
+            new_tokens=args.new_tokens,
+            json_path=args.json,
+            providers=args.providers,
+        )
     elif args.command == "eval":
         from omniedge.eval.cli import eval_cli
 

@@ -46,3 +46,9 @@ def test_not_a_checkpoint_is_an_error(tmp_path) -> None:
 def test_info_on_missing_path() -> None:
     r = _cli("info", "/definitely/not/here")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unavailable_execution_provider_is_a_clear_error() -> None:
+    r = _cli("run", "--providers", "no-such-provider", "-p", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no-such-provider" in r.stderr and "fix:" in r.stderr

@@ -86,7 +86,7 @@ def resolve_providers(requested: str | Sequence[str] | None) -> list[str]:
         if full not in available:
             raise OmniedgeError(
                 f"execution provider {r!r} is not available in this onnxruntime (has: {', '.join(available)})",
-                "install onnxruntime-gpu for CUDA/TensorRT, or pass providers=None for CPU",
+                "install onnxruntime-gpu for CUDA/TensorRT, or use the CPU (omit --providers; providers=None in Python)",
             )
         if full not in out:
             out.append(full)

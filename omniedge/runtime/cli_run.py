@@ -51,13 +51,15 @@ def run_cli(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    providers: str | None = None,
+    system: str | None = None,
 ) -> GenerationResult:
     """Load the bundle (the default model's when None), stream the answer to stdout, summary to stderr."""
     from omniedge.runtime.app import Omni
 
     bundle_dir = _default_bundle() if bundle is None else Path(bundle)
     t0 = time.perf_counter()
-    omni = Omni.load(bundle_dir)
+    omni = Omni.load(bundle_dir, providers=providers)
     load_s = time.perf_counter() - t0
 
     def show(ev: TokenEvent) -> None:
@@ -73,6 +75,7 @@ def run_cli(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
+            system=system,
             on_token=show,
         )
     finally:
