@@ -154,13 +154,20 @@ def warn_unused(store: Int4Store | None) -> list[str]:
 # ---------------------------------------------------------------- MatMulNBits as a torch custom op
 
 
-def _unpack(qweight: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+def _unpack(
+    qweight: torch.Tensor, scales: torch.Tensor, k: int, anchor: torch.Tensor | None = None
+) -> torch.Tensor:
     """[..., N, nb, 64] uint8 + [..., N, nb] -> float32 [..., N, K]: (q - 8) * scale, low nibble first.
 
     Written with ops that export to plain ONNX, so the gathered-experts path is the same code in torch
     and in the graph. Nibbles are split in float (exact below 256): the exporter types a uint8 right
-    shift as int8, and onnxruntime has no uint8 Div."""
+    shift as int8, and onnxruntime has no uint8 Div.
+
+    `anchor` (a 1.0 computed from a graph input) keeps graph optimizers from constant-folding the
+    dequantization of whole initializers into float copies of the weights."""
     qf = qweight.to(torch.float32)
+    if anchor is not None:
+        qf = qf * anchor
     hi = torch.floor(qf * (1.0 / 16.0))
     lo = qf - hi * 16.0
     q = torch.stack((lo, hi), dim=-1).flatten(-2) - float(ZERO_POINT)
@@ -303,6 +310,11 @@ class ExpertBank(nn.Module):
             self.register_buffer("scales", packed.scales)  # [E, N, nb]
         else:
             self.weight = weight  # the transformers parameter itself, shared, not copied
+
+    def all(self, anchor: torch.Tensor) -> torch.Tensor:
+        """float32 [E, N, K]: every expert, dequantized once per call (the prefill path). `anchor` is a
+        1.0 derived from the input so no optimizer folds this into a resident float copy of all experts."""
+        return _unpack(self.qweight, self.scales, self.k, anchor) if self.int4 else self.weight
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [S, N, K] weights of experts `ids` [S]; INT4 unpacks only those experts."""

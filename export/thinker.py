@@ -7,8 +7,10 @@ transformers (softmax -> top-k -> renormalise) and gathers only the chosen exper
 arrive dense (zeros off the image positions) and are added after decoder layers 0..num_deepstack-1,
 which equals transformers' masked add at the visual positions.
 
-Known cost: gathering copies k experts' weights per token; right for decode, heavy for long prefill at
-real size (~75 MB per token per layer). Grouping tokens by expert or ORT's MoE/QMoE ops is a later step.
+Decode gathers only the top-k experts' weights; prefill (seq > 1, an ONNX If on the same initializers)
+dequantizes every expert once and runs all tokens through all experts, masked by the routing weights:
+memory no longer grows with k expert copies per token, at E/k times the expert FLOPs of top-k. Grouping
+tokens by expert (or ORT's MoE/QMoE ops) would save those FLOPs too; that is a later step.
 """
 
 from __future__ import annotations
@@ -79,12 +81,26 @@ class _MoE(nn.Module):
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        # One graph, two paths sharing the same (INT4) weights through an ONNX If: a decode step gathers
+        # only its top-k experts; a prefill dequantizes every expert once and runs all tokens through all
+        # of them, masked by the routing weights, instead of copying k experts' weights per token.
+        y = torch.cond(x.shape[0] > 1, self._all_experts, self._gathered, (x, top_w, top_i))
+        return y.view_as(h)
+
+    def _gathered(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
         ids = top_i.reshape(-1)
         xs = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, x.shape[-1], 1)  # [T*k, H, 1]
         gate, up = torch.matmul(self.gate_up.gather(ids), xs).squeeze(-1).chunk(2, dim=-1)
         y = torch.matmul(self.down.gather(ids), (self.act(gate) * up).unsqueeze(-1)).squeeze(-1)
         y = y * top_w.reshape(-1, 1).to(y.dtype)
-        return y.view(-1, self.top_k, y.shape[-1]).sum(dim=1).view_as(h)
+        return y.view(-1, self.top_k, y.shape[-1]).sum(dim=1)
+
+    def _all_experts(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        anchor = torch.ones_like(x[:, 0]).mean()  # 1.0 of dynamic shape, so never a constant: ExpertBank.all
+        gate, up = torch.einsum("th,enh->ten", x, self.gate_up.all(anchor)).chunk(2, dim=-1)  # [T, E, I]
+        y = torch.einsum("tei,ehi->teh", self.act(gate) * up, self.down.all(anchor))  # [T, E, H]
+        weights = torch.zeros(x.shape[0], y.shape[1], dtype=y.dtype).scatter(1, top_i, top_w.to(y.dtype))
+        return (y * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class _DenseMLP(nn.Module):
