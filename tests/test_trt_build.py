@@ -132,13 +132,15 @@ def test_profiles_come_from_the_manifest() -> None:
 
 
 def test_tensorrt_rtx_parses_and_builds_exported_graphs(tmp_path: Path) -> None:
-    """TensorRT-RTX's builder runs on a CPU-only machine: parse and build the real exported vision and
-    audio graphs (fp32 tiny model) with the profiles `omniedge build` would use."""
+    """TensorRT-RTX's builder runs on a CPU-only machine: parse and build the real exported vision, audio
+    and thinker graphs (fp32 tiny model; the thinker's MoE layers are ONNX Ifs) with the profiles
+    `omniedge build` would use."""
     trt = pytest.importorskip("tensorrt_rtx")
     pytest.importorskip("torch")
     from omniedge.export.audio import export_audio
     from omniedge.export.int4_graph import module_names, translation_table
     from omniedge.export.onnx_io import component_record
+    from omniedge.export.thinker import export_thinker
     from omniedge.export.trt_build import build_engine
     from omniedge.export.vision import default_image_size, export_vision
     from omniedge.models.family import thinker_parts
@@ -150,8 +152,10 @@ def test_tensorrt_rtx_parses_and_builds_exported_graphs(tmp_path: Path) -> None:
         parts.visual, names, None, default_image_size(parts.visual.config), tmp_path / "vision.onnx", table
     )
     export_audio(parts.audio_tower, names, None, tmp_path / "audio.onnx", table)
+    deepstack = len(parts.visual.config.deepstack_visual_indexes)
+    export_thinker(parts.text_model, parts.lm_head, deepstack, names, None, tmp_path / "thinker.onnx", table)
     ranges = dim_ranges(_manifest({}))
-    for name in ("vision", "audio"):
+    for name in ("vision", "audio", "thinker"):
         path = tmp_path / f"{name}.onnx"
         logger = trt.Logger(trt.Logger.ERROR)
         builder = trt.Builder(logger)  # keep builder and network alive while the parser works
