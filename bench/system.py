@@ -6,8 +6,6 @@ import glob
 import os
 import platform
 import resource
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,21 +15,13 @@ import psutil
 
 
 def _gpu_name() -> str | None:
+    """The Jetson's board name, else the GPU name as the engine builder sees it (one detector)."""
     if Path("/etc/nv_tegra_release").exists():
         model = Path("/proc/device-tree/model")
         return model.read_text(errors="ignore").strip("\x00\n ") if model.exists() else "NVIDIA Jetson"
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return None
+    from omniedge.export.trt_build import gpu_info
+
+    return gpu_info()[0]
 
 
 def machine() -> dict[str, Any]:
