@@ -21,33 +21,13 @@ import torch
 from torch import nn
 
 from omniedge.errors import OmniedgeError
+from omniedge.weights import canonical_name
 
 BITS = 4
 BLOCK = 128
 ZERO_POINT = 8
 CONFIG_KEY = "omniedge_quantization"
 _REQUANTIZE = "re-run `omniedge compress` to rewrite the checkpoint"
-
-
-# ---------------------------------------------------------------- names
-
-
-def canonical_name(name: str) -> str:
-    """One spelling for a parameter whatever the transformers release or file it came from.
-
-    On-disk checkpoints and transformers 5.17 say `thinker.model.layers...`, `thinker.audio_tower...`,
-    `thinker.visual...`; transformers >= 5.2x in memory says `thinker.model.language_model.layers...`,
-    `thinker.model.audio_tower...`, `thinker.model.visual...`. A bare thinker lacks the `thinker.` prefix.
-    """
-    n = name if name.startswith("thinker.") else f"thinker.{name}"
-    for new_style, old_style in (
-        ("thinker.model.language_model.", "thinker.model."),
-        ("thinker.model.audio_tower.", "thinker.audio_tower."),
-        ("thinker.model.visual.", "thinker.visual."),
-    ):
-        if n.startswith(new_style):
-            return old_style + n[len(new_style) :]
-    return n
 
 
 # ---------------------------------------------------------------- the quantized tensors

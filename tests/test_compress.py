@@ -27,7 +27,6 @@ from omniedge.compress.calibration import (
     render_shapes,
     synth_tone,
 )
-from omniedge.compress.int4 import dequantize
 from omniedge.compress.prune import keep_count, select_experts
 from omniedge.compress.recipe import (
     DEFAULT_RECIPE,
@@ -38,6 +37,7 @@ from omniedge.compress.recipe import (
     validate_recipe,
 )
 from omniedge.errors import OmniedgeError
+from omniedge.int4 import dequantize
 
 FAST_CALIB = {"samples": 6, "max_tokens": 96, "seed": 0, "image_size": 64, "audio_seconds": 1.0}
 

@@ -25,10 +25,10 @@ from omniedge.checkpoint import file_sha256, load_checkpoint, save_checkpoint  #
 from omniedge.errors import OmniedgeError  # noqa: E402
 from omniedge.export.audio import conv_tokens  # noqa: E402
 from omniedge.export.bundle import export_bundle  # noqa: E402
-from omniedge.export.int4_graph import canonical_name  # noqa: E402
 from omniedge.export.thinker import io_names  # noqa: E402
 from omniedge.export.vision import check_image_size, default_image_size  # noqa: E402
 from omniedge.models.family import thinker_parts  # noqa: E402
+from omniedge.weights import canonical_name  # noqa: E402
 
 TOL = 1e-3  # max |ours - transformers| / max |transformers|, fp32
 FLAVOURS = ("fp32", "int4")
@@ -76,7 +76,7 @@ def _quantized(name: str) -> bool:
 def _write_int4(model: Any, tok: Any, path: Path) -> list[str]:
     from safetensors.torch import save_file
 
-    from omniedge.compress.int4 import dequantize, quantize
+    from omniedge.int4 import dequantize, quantize
 
     packed: dict[str, Any] = {}
     names = []
@@ -360,7 +360,7 @@ def test_matmul_nbits_without_zero_points_means_eight() -> None:
     """ORT's MatMulNBits with no zero_points input must decode (q - 8) * scale: our packing's meaning."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from omniedge.compress.int4 import dequantize, quantize
+    from omniedge.int4 import dequantize, quantize
 
     w = torch.randn(24, 200, generator=torch.Generator().manual_seed(6))
     q, s = quantize(w)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from omniedge.compress import int4
+from omniedge import int4
 from omniedge.models.family import thinker_parts
 
 INT4_FILE = "int4.safetensors"

@@ -1,4 +1,4 @@
-"""Blocked symmetric INT4 (round to nearest), in ONNX Runtime's MatMulNBits layout (docs/artifacts.md).
+"""Blocked symmetric INT4 (round to nearest) in ONNX Runtime's MatMulNBits layout: the one definition of the layout.
 
 Two verbs, as in gpt-fast: `quantize` makes the packed tensors offline, `dequantize` gives back the
 float weights the runtime computes with, so PyTorch and the exported graphs agree exactly.
