@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,11 @@ class Int4Store:
         return sorted(set(self.packed) - self.used)
 
 
-def load_int4(checkpoint: Path, model: Any) -> Int4Store | None:
-    """The checkpoint's INT4 tensors, checked against the model's float (dequantized) weights; None if
-    the checkpoint is not quantized."""
+def load_int4(
+    checkpoint: Path, shapes: Mapping[str, Sequence[int]], prefix: str | tuple[str, ...] = ""
+) -> Int4Store | None:
+    """The checkpoint's INT4 tensors under `prefix` (canonical names), checked against the float shapes
+    their layers have (`shapes`: canonical parameter name -> [..., N, K]); None if not quantized."""
     cfg = json.loads((checkpoint / "config.json").read_text())
     q = cfg.get(CONFIG_KEY)
     if not q:
@@ -83,37 +86,35 @@ def load_int4(checkpoint: Path, model: Any) -> Int4Store | None:
         )
     if int(q.get("zero_point", ZERO_POINT)) != ZERO_POINT:
         raise OmniedgeError(f"{checkpoint}: zero_point must be {ZERO_POINT}", _REQUANTIZE)
-    f = checkpoint / str(q.get("file", "int4.safetensors"))
-    if not f.is_file():
-        raise OmniedgeError(f"{checkpoint} says it is INT4 but has no {f.name}", _REQUANTIZE)
-    from safetensors.torch import load_file
+    from omniedge.weights import SafetensorsDir
 
-    try:
-        tensors = load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise OmniedgeError(f"{f} is not a readable safetensors file ({e})", _REQUANTIZE) from e
-    params = {canonical_name(n): p for n, p in model.named_parameters()}
-    names = q.get("modules") or sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    source = SafetensorsDir(checkpoint)
+    all_names = set(source.names())
+    listed = q.get("modules") or sorted({k[: -len(".qweight")] for k in all_names if k.endswith(".qweight")})
+    names = [n for n in (canonical_name(m) for m in listed) if n.startswith(prefix)]
     packed: dict[str, PackedWeight] = {}
-    for name in names:
-        qw, sc = tensors.get(f"{name}.qweight"), tensors.get(f"{name}.scales")
-        if qw is None or sc is None:
-            raise OmniedgeError(f"{f.name} lacks {name}.qweight or {name}.scales", _REQUANTIZE)
-        key = canonical_name(name)
-        p = params.get(key)
-        if p is None:
-            raise OmniedgeError(f"{f.name} quantizes {name}, which the model does not have", _REQUANTIZE)
-        k = int(p.shape[-1])
+    for key in names:
+        if f"{key}.qweight" not in all_names or f"{key}.scales" not in all_names:
+            raise OmniedgeError(f"{checkpoint} lacks {key}.qweight or {key}.scales", _REQUANTIZE)
+        qw, sc = source.get(f"{key}.qweight"), source.get(f"{key}.scales")
+        shape = shapes.get(key)
+        if shape is None:
+            raise OmniedgeError(f"{checkpoint} quantizes {key}, which the model does not have", _REQUANTIZE)
+        k = int(shape[-1])
         nb = math.ceil(k / BLOCK)
-        want_q = (*p.shape[:-1], nb, BLOCK // 2)
-        if qw.dtype != torch.uint8 or tuple(qw.shape) != want_q or tuple(sc.shape) != want_q[:-1]:
+        want_q = (*shape[:-1], nb, BLOCK // 2)
+        if (
+            qw.dtype != torch.uint8
+            or tuple(qw.shape) != tuple(want_q)
+            or tuple(sc.shape) != tuple(want_q[:-1])
+        ):
             raise OmniedgeError(
-                f"{f.name}: {name} has qweight {tuple(qw.shape)} {qw.dtype} / scales {tuple(sc.shape)}, "
-                f"expected uint8 {want_q} / {want_q[:-1]} for a weight of shape {tuple(p.shape)}",
+                f"{key} has qweight {tuple(qw.shape)} {qw.dtype} / scales {tuple(sc.shape)}, "
+                f"expected uint8 {tuple(want_q)} / {tuple(want_q[:-1])} for a weight of shape {tuple(shape)}",
                 _REQUANTIZE,
             )
         packed[key] = PackedWeight(qw.contiguous(), sc.to(torch.float32).contiguous(), k)
-    return Int4Store(packed, str(f))
+    return Int4Store(packed, str(checkpoint))
 
 
 def warn_unused(store: Int4Store | None) -> list[str]:

@@ -17,8 +17,8 @@ import pytest
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.generate import (
     SamplingParams,
-    Thinker,
     ThinkerInputs,
+    _HostLogits,
     Timings,
     generate_tokens,
     sample_token,
@@ -33,50 +33,34 @@ PROMPT = "What do you see and hear?"
 
 
 class _ScriptedThinker:
-    """A stand-in thinker graph: always predicts (last position + 1) mod vocab; checks cache growth."""
+    """A stand-in thinker runner: always predicts (position + 1) mod vocab; records what it was fed."""
 
-    name = "thinker"
-    loaded = True
-
-    def __init__(self, vocab: int = 10) -> None:
+    def __init__(self, vocab: int = 10, max_context: int = 100) -> None:
         self.vocab = vocab
-        self.calls: list[tuple[int, int]] = []  # (past length, new tokens)
+        self.max_context = max_context
+        self.calls: list[tuple[str, int, int]] = []  # (step, tokens fed, last position)
 
-    def load(self) -> None: ...
+    def _out(self, position: int):
+        logits = np.zeros(self.vocab, np.float32)
+        logits[(position + 1) % self.vocab] = 5.0
+        return _HostLogits(logits)
 
-    def unload(self) -> None: ...
+    def prefill(self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None):
+        self.calls.append(("prefill", inputs_embeds.shape[1], int(positions[0, -1])))
+        return self._out(int(positions[0, -1]))
 
-    def footprint_bytes(self) -> int:
-        return 0
-
-    def input_names(self) -> list[str]:
-        return []
-
-    def output_names(self) -> list[str]:
-        return []
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = feeds["inputs_embeds"].shape[1]
-        past = feeds["past_key_values.0.key"].shape[2]
-        self.calls.append((past, n))
-        out = {}
-        for i in range(2):
-            for kv in ("key", "value"):
-                p = feeds[f"past_key_values.{i}.{kv}"]
-                out[f"present.{i}.{kv}"] = np.concatenate([p, np.zeros((1, 2, n, 4), np.float32)], axis=2)
-        logits = np.zeros((1, n, self.vocab), np.float32)
-        logits[0, -1, (int(feeds["position_ids"][0, 0, -1]) + 1) % self.vocab] = 5.0
-        out["logits"] = logits
-        return out
+    def decode(self, embed_row: np.ndarray, position: int):
+        self.calls.append(("decode", 1, position))
+        return self._out(position)
 
 
 def _scripted(prompt_len: int = 3, delta: int = 0):
-    graph = _ScriptedThinker()
+    thinker = _ScriptedThinker()
     embed = np.eye(10, 8, dtype=np.float32)
     ids = np.arange(prompt_len) % 10
     pos = np.broadcast_to(np.arange(prompt_len), (3, 1, prompt_len)).copy()
     inputs = ThinkerInputs(ids, embed[ids][None], pos, np.zeros((0, 1, prompt_len, 8), np.float32), delta)
-    return graph, Thinker(graph, 2, 2, 4), embed, inputs
+    return thinker, thinker, embed, inputs
 
 
 def test_decode_loop_feeds_one_token_after_the_prefill_and_stops_on_eos() -> None:
@@ -84,7 +68,13 @@ def test_decode_loop_feeds_one_token_after_the_prefill_and_stops_on_eos() -> Non
     t = Timings()
     toks = list(generate_tokens(thinker, embed, inputs, (7,), SamplingParams(max_new_tokens=20), 100, t))
     assert toks == [3, 4, 5, 6, 7]  # positions continue 3, 4, ...; eos 7 is returned and ends it
-    assert graph.calls == [(0, 3), (3, 1), (4, 1), (5, 1), (6, 1)]
+    assert graph.calls == [
+        ("prefill", 3, 2),
+        ("decode", 1, 3),
+        ("decode", 1, 4),
+        ("decode", 1, 5),
+        ("decode", 1, 6),
+    ]
     assert t.new_tokens == 5 and len(t.token_latencies_s) == 4 and t.prompt_tokens == 3 and t.ttft_s > 0
 
 
@@ -196,15 +186,16 @@ def _export_key(checkpoint: Path) -> str:
     return h.hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def bundle(checkpoint: Path) -> Path:
-    """The tiny checkpoint exported once per exporter version (about a minute), cached under OMNIEDGE_HOME."""
+@pytest.fixture(scope="module", params=["ort", "portable"])
+def bundle(checkpoint: Path, request: pytest.FixtureRequest) -> Path:
+    """The tiny checkpoint exported once per exporter version and thinker flavour, cached under OMNIEDGE_HOME."""
     exporter = pytest.importorskip("omniedge.export.bundle", reason="export/bundle.py is not there yet")
     from omniedge.paths import home
 
-    out = home() / "test-bundles" / f"tiny-{_export_key(checkpoint)}"
+    flavour = request.param
+    out = home() / "test-bundles" / f"tiny-{flavour}-{_export_key(checkpoint)}"
     if not (out / "manifest.json").is_file():
-        exporter.export_bundle(checkpoint, out)  # atomic: a crash leaves no half bundle
+        exporter.export_bundle(checkpoint, out, flavour=flavour, progress=False)  # atomic: no half bundle
     return out
 
 
@@ -282,9 +273,9 @@ def test_prefill_logits_match_transformers(omni, hf_model) -> None:
 
     req = omni.preprocess(PROMPT, image=_image(), audio=_audio())
     inputs = omni.thinker_inputs(req)
-    logits, _ = omni.thinker.step(
-        inputs.inputs_embeds, inputs.position_ids, inputs.deepstack_embeds, omni.thinker.empty_cache()
-    )
+    logits = omni.thinker.prefill(
+        inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+    ).logits()
     with torch.no_grad():
         ref = hf_model.thinker(
             input_ids=torch.from_numpy(req.prompt.ids)[None],
@@ -445,8 +436,15 @@ def test_bad_bundles_say_what_is_wrong(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(OmniedgeError, match="schema_version 99") as e:
         load_manifest(b)
     assert "upgrade" in (e.value.fix or "")
-    _edit_manifest(b, lambda m: m.update(schema_version=1))
+    _edit_manifest(b, lambda m: m.update(schema_version=1))  # a bundle of an older contract: re-export it
+    with pytest.raises(OmniedgeError, match="schema_version 1") as e:
+        load_manifest(b)
+    assert "re-export" in (e.value.fix or "")
+    _edit_manifest(b, lambda m: m.update(schema_version=2))
     load_manifest(b)
+    _edit_manifest(b, lambda m: m["thinker_graph"].update(flavour="tensorrt-llm"))
+    with pytest.raises(OmniedgeError, match="flavour"):
+        load_manifest(b)
     (b / "manifest.json").write_text("{not json")
     with pytest.raises(OmniedgeError, match="not valid JSON"):
         load_manifest(b)

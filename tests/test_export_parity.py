@@ -117,8 +117,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bundles keyed "fp32"/"int4" (ORT thinker flavour, the default) and "fp32-portable"/"int4-portable"."""
     root = tmp_path_factory.mktemp("bundle")
-    return {k: export_bundle(checkpoints[k], root / k) for k in FLAVOURS}
+    out = {k: export_bundle(checkpoints[k], root / k, progress=False) for k in FLAVOURS}
+    for k in FLAVOURS:
+        out[f"{k}-portable"] = export_bundle(
+            checkpoints[k], root / f"{k}-p", flavour="portable", progress=False
+        )
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +262,15 @@ def _thinker_feed(
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("graph", ["ort", "portable"])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_thinker_prefill_and_decode_match_transformers(
-    flavour: str, bundles: dict[str, Path], refs: dict[str, Any]
+    flavour: str, graph: str, bundles: dict[str, Path], refs: dict[str, Any]
 ) -> None:
     """The whole path: ORT vision + audio outputs spliced into the prompt's embeddings, ORT thinker
     prefill then one decode step with its KV cache, against transformers' thinker doing all of it."""
-    bundle, model = bundles[flavour], refs[flavour]
+    bundle = bundles[flavour if graph == "ort" else f"{flavour}-portable"]
+    model = refs[flavour]
     parts = thinker_parts(model)
     m = _manifest(bundle)
     special, img = m["special_tokens"], m["preprocess"]["image"]
@@ -306,6 +314,9 @@ def test_thinker_prefill_and_decode_match_transformers(
     x[ids == special["audio_pad"]] = audio_embeds
     deep = np.zeros((m["text"]["num_deepstack"], 1, ids.size, x.shape[-1]), np.float32)
     deep[:, 0, img_pos] = deep_img
+    if graph == "ort":
+        _ort_thinker_matches(bundle, x, pos_prefill, deep, embed[nxt], int(pos_decode[0, 0, 0]), out, out2)
+        return
     thinker = _session(bundle, "thinker")
     outs = thinker.run(None, _thinker_feed(m, x[None], pos_prefill, deep, None))
     err_prefill = rel_err(outs[0], out.logits)
@@ -323,6 +334,27 @@ def test_thinker_prefill_and_decode_match_transformers(
         assert rel_err(outs2[1], layer0.keys) <= TOL
 
 
+def _ort_thinker_matches(
+    bundle: Path, x: np.ndarray, pos: np.ndarray, deep: np.ndarray, row: np.ndarray, position: int, out, out2
+) -> None:
+    """The ORT flavour through the runtime's own runner: KV buffer bound in place, rotary from tables."""
+    from omniedge.runtime.backends import OrtBackend
+    from omniedge.runtime.manifest import load_manifest
+    from omniedge.runtime.thinker_ort import OrtThinker, make_thinker
+
+    m = load_manifest(bundle)
+    runner = make_thinker(m, OrtBackend("thinker", m.components["thinker"].onnx), max_context=96)
+    assert isinstance(runner, OrtThinker)
+    first = runner.prefill(x[None], pos[:, 0, :], deep)
+    err_prefill = rel_err(first.logits(), out.logits[0, -1])
+    assert first.greedy() == int(out.logits[0, -1].argmax())
+    second = runner.decode(row, position)
+    err_decode = rel_err(second.logits(), out2.logits[0, -1])
+    print(f"thinker ort: prefill logits {err_prefill:.1e}, decode logits {err_decode:.1e}")
+    assert err_prefill <= TOL and err_decode <= TOL
+    assert runner.cache_len == x.shape[0] + 1
+
+
 # ---------------------------------------------------------------- INT4 stays INT4
 
 
@@ -336,8 +368,11 @@ def test_int4_graphs_hold_no_float_copies(bundles: dict[str, Path], refs: dict[s
         for v in (w, np.swapaxes(w, -1, -2)):
             candidates.setdefault(v.shape, []).append(v)
     counts: dict[str, int] = {}
-    for name in ("vision", "audio", "thinker"):
-        g = onnx.load(str(bundles["int4"] / f"{name}.onnx")).graph
+    for name in ("vision", "audio", "thinker", "thinker-portable"):
+        path = (
+            bundles["int4-portable" if name.endswith("portable") else "int4"] / f"{name.split('-')[0]}.onnx"
+        )
+        g = onnx.load(str(path)).graph
         for t in g.initializer:
             if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in candidates:
                 a = numpy_helper.to_array(t)
@@ -346,14 +381,25 @@ def test_int4_graphs_hold_no_float_copies(bundles: dict[str, Path], refs: dict[s
                 )
         assert any(t.data_type == onnx.TensorProto.UINT8 for t in g.initializer)
         counts[name] = sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in g.node)
+        if name == "thinker":  # the ORT flavour: one QMoE per MoE layer, one GroupQueryAttention per layer
+            assert sum(n.op_type == "QMoE" for n in g.node) == sum(
+                n.op_type == "GroupQueryAttention" for n in g.node
+            )
     text_layers = 2
-    # per text layer q, k, v, o; plus lm_head; one vision and one audio linear
-    assert counts == {"vision": 1, "audio": 1, "thinker": 4 * text_layers + 1}
-    m32, m4 = _manifest(bundles["fp32"]), _manifest(bundles["int4"])
+    # per text layer q, k, v, o (the ORT flavour fuses q/k/v into one); plus lm_head; one vision and one audio linear
+    assert counts == {
+        "vision": 1,
+        "audio": 1,
+        "thinker": 2 * text_layers + 1,
+        "thinker-portable": 4 * text_layers + 1,
+    }
+    m32, m4 = _manifest(bundles["fp32-portable"]), _manifest(bundles["int4-portable"])
     w32, w4 = m32["components"]["thinker"]["weight_bytes"], m4["components"]["thinker"]["weight_bytes"]
     assert w4 < 0.4 * w32, (w4, w32)  # the tiny thinker is nearly all quantized matrices
     assert m4["model"]["quantization"]["exported_as_float"] == []
     assert m32["model"]["quantization"] is None
+    o32, o4 = _manifest(bundles["fp32"]), _manifest(bundles["int4"])
+    assert o4["components"]["thinker"]["weight_bytes"] < 0.4 * o32["components"]["thinker"]["weight_bytes"]
 
 
 def test_matmul_nbits_without_zero_points_means_eight() -> None:
@@ -389,7 +435,7 @@ def test_matmul_nbits_without_zero_points_means_eight() -> None:
 def test_manifest_follows_the_contract(bundles: dict[str, Path]) -> None:
     b = bundles["fp32"]
     m = _manifest(b)
-    assert m["schema_version"] == 1 and m["tokenizer"] == "tokenizer.json"
+    assert m["schema_version"] == 2 and m["tokenizer"] == "tokenizer.json"
     assert m["eos_token_ids"] == [m["special_tokens"]["im_end"], m["special_tokens"]["endoftext"]]
     emb = np.load(b / "embed_tokens.npy", mmap_mode="r")
     assert (
@@ -409,14 +455,36 @@ def test_manifest_follows_the_contract(bundles: dict[str, Path]) -> None:
         ("window_ids", ["num_tokens"], "int64"),
     ]
     assert outs["audio"] == [("audio_embeds", ["num_tokens", 128], "float32")]
-    assert ins["thinker"][:3] == [
+    assert ins["thinker"][:7] == [
         ("inputs_embeds", [1, "seq", 128], "float32"),
-        ("position_ids", [3, 1, "seq"], "int64"),
         ("deepstack_embeds", [1, 1, "seq", 128], "float32"),
+        ("position_ids", [1, "seq"], "int64"),
+        ("cos_cache", ["rope_rows", 16], "float32"),
+        ("sin_cache", ["rope_rows", 16], "float32"),
+        ("seqlens_k", [1], "int32"),
+        ("total_sequence_length", [], "int32"),
     ]
-    assert ins["thinker"][3] == ("past_key_values.0.key", [1, 2, "past", 32], "float32")
-    assert outs["thinker"][0] == ("logits", [1, "seq", m["text"]["vocab_size"]], "float32")
-    assert outs["thinker"][-1] == ("present.1.value", [1, 2, "past + seq", 32], "float32")
+    assert ins["thinker"][7] == ("past_key_values.0.key", [1, 2, "max_context", 32], "float32")
+    assert outs["thinker"][:2] == [
+        ("logits", [1, m["text"]["vocab_size"]], "float32"),
+        ("next_token", [1], "int64"),
+    ]
+    assert outs["thinker"][-1] == ("present.1.value", [1, 2, "max_context", 32], "float32")
+    g = m["thinker_graph"]
+    assert g["flavour"] == "ort" and g["dtype"] == "float32" and g["providers"] == []
+    assert len(g["rope"]["inv_freq"]) == len(g["rope"]["axis"]) == 16
+    p = _manifest(bundles["fp32-portable"])
+    pins = [(i["name"], i["shape"]) for i in p["components"]["thinker"]["inputs"]]
+    assert pins[:4] == [
+        ("inputs_embeds", [1, "seq", 128]),
+        ("position_ids", [3, 1, "seq"]),
+        ("deepstack_embeds", [1, 1, "seq", 128]),
+        ("past_key_values.0.key", [1, 2, "past", 32]),
+    ]
+    pouts = [(o["name"], o["shape"]) for o in p["components"]["thinker"]["outputs"]]
+    assert pouts[0] == ("logits", [1, "seq", m["text"]["vocab_size"]])
+    assert pouts[-1] == ("present.1.value", [1, 2, "past + seq", 32])
+    assert p["thinker_graph"]["flavour"] == "portable"
     for comp in c.values():
         for fname, digest in comp["sha256"].items():
             assert file_sha256(b / fname) == digest
@@ -458,7 +526,7 @@ def test_damaged_checkpoints_are_omniedge_errors(checkpoints: dict[str, Path], t
     shutil.copytree(checkpoints["fp32"], broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    with pytest.raises(OmniedgeError, match="could not load"):
+    with pytest.raises(OmniedgeError, match="not a readable safetensors"):
         export_bundle(broken, tmp_path / "b1")
 
     no_int4 = tmp_path / "no_int4"

@@ -24,7 +24,6 @@ from omniedge.runtime.backends import EngineBackend, OrtBackend
 from omniedge.runtime.generate import (
     GenerationResult,
     SamplingParams,
-    Thinker,
     ThinkerInputs,
     Timings,
     TokenEvent,
@@ -37,8 +36,11 @@ from omniedge.runtime.media import AudioInput, ImageInput, load_audio, load_imag
 from omniedge.runtime.mrope import rope_index
 from omniedge.runtime.preprocess import AudioChunks, audio_chunks, image_inputs, log_mel, mel_filter_bank
 from omniedge.runtime.prompt import Prompt, build_prompt
+from omniedge.runtime.thinker_ort import make_thinker
 
 Result = GenerationResult
+# KV cache length when the caller names none: the cache is allocated whole at load (in place updates).
+DEFAULT_CONTEXT = 4096
 
 
 @dataclass
@@ -90,8 +92,8 @@ class Omni:
         self.embed_table = embed_table
         self.engines = engines
         t = manifest.text
-        self.max_context = min(max_context or t.max_position_embeddings, t.max_position_embeddings)
-        self.thinker = Thinker(engines["thinker"], t.num_layers, t.num_kv_heads, t.head_dim)
+        self.max_context = min(max_context or DEFAULT_CONTEXT, t.max_position_embeddings)
+        self.thinker = make_thinker(manifest, engines["thinker"], self.max_context)
         self._lock = threading.Lock()
         a = manifest.audio
         self._mel_filters = (
@@ -108,8 +110,12 @@ class Omni:
         providers: str | Sequence[str] | None = None,
         verify_checksums: bool = False,
         max_context: int | None = None,
+        cuda_graph: bool = True,
     ) -> Omni:
-        """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`)."""
+        """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`).
+
+        `max_context` sizes the thinker's KV cache (allocated once, default 4096 tokens, at most the model's
+        limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it."""
         m = load_manifest(bundle_dir, verify_checksums=verify_checksums)
         tokenizer = _load_tokenizer(m.tokenizer_file)
         embed = _load_embed(m)
@@ -122,12 +128,16 @@ class Omni:
                     f"bundle component {name} has only a TensorRT engine; this runtime runs ONNX for now",
                     "keep the .onnx files in the bundle",
                 )
-            engines[name] = OrtBackend(name, comp.onnx, providers=providers)
-        omni = cls(m, tokenizer, embed, engines, max_context=max_context)
+            engines[name] = OrtBackend(
+                name, comp.onnx, providers=providers, cuda_graph=cuda_graph and name == "thinker"
+            )
+        load_seconds: dict[str, float] = {}
         for name, eng in engines.items():
             t0 = time.perf_counter()
             eng.load()
-            omni.load_seconds[name] = time.perf_counter() - t0
+            load_seconds[name] = time.perf_counter() - t0
+        omni = cls(m, tokenizer, embed, engines, max_context=max_context)
+        omni.load_seconds = load_seconds
         return omni
 
     def close(self) -> None:

@@ -121,11 +121,14 @@ class OrtBackend:
         onnx_path: str | Path,
         providers: str | Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.name = name
         self.path = Path(onnx_path)
         self.providers = resolve_providers(providers)
         self.intra_op_threads = intra_op_threads
+        # CUDA graphs: ONNX Runtime captures a run once and replays it (the thinker's decode step).
+        self.cuda_graph = cuda_graph and "CUDAExecutionProvider" in self.providers
         self._session: Any = None
         self._inputs: dict[str, tuple[Any, type]] = {}
         self.load_seconds = 0.0
@@ -147,8 +150,12 @@ class OrtBackend:
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         before, t0 = _rss(), time.perf_counter()
+        providers: list[Any] = [
+            (p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" and self.cuda_graph else p
+            for p in self.providers
+        ]
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise OmniedgeError(
                 f"onnxruntime could not load {self.path.name} ({self.name}): {str(e).splitlines()[0]}",
@@ -180,6 +187,17 @@ class OrtBackend:
 
     def active_providers(self) -> list[str]:
         return list(self._require().get_providers())
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime InferenceSession (loaded on first use), for IO binding."""
+        return self._require()
+
+    @property
+    def device(self) -> str:
+        """Where this engine's inputs and outputs live: "cuda" when a GPU provider runs it, else "cpu"."""
+        gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+        return "cuda" if any(p in gpu for p in self.providers) else "cpu"
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self._require()

@@ -1,9 +1,10 @@
 """Prefill, then decode token by token with the KV cache, through the thinker graph.
 
 The thinker graph (docs/artifacts.md §2) takes embeddings, not ids: the runtime looks ids up in
-embed_tokens.npy (memory-mapped) and writes the encoders' outputs over the media pad positions. For now
-the KV cache travels as numpy arrays between onnxruntime calls; device-resident caches come with the
-TensorRT backend. Streaming is an iterator of tokens; a threading.Event cancels between steps.
+embed_tokens.npy (memory-mapped) and writes the encoders' outputs over the media pad positions. A thinker
+runner owns its KV cache: on the device and updated in place for the ORT flavour (runtime/thinker_ort.py),
+as arrays through every step for the portable flavour (`NumpyCacheThinker`). Streaming is an iterator of
+tokens; a threading.Event cancels between steps.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.backends import EngineBackend
-from omniedge.runtime.mrope import decode_positions
 
 
 @dataclass
@@ -164,38 +164,88 @@ class TokenEvent:
     index: int  # 0 for the first new token
 
 
-class Thinker:
-    """The thinker graph with an explicit KV cache in numpy."""
+class StepOutput(Protocol):
+    """One graph run's result: the greedy next token, or the last position's logits [vocab] float32."""
 
-    def __init__(self, backend: EngineBackend, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    def greedy(self) -> int: ...
+
+    def logits(self) -> np.ndarray: ...
+
+
+class ThinkerRunner(Protocol):
+    """A thinker with its own KV cache: `prefill` starts a request, `decode` adds one token."""
+
+    max_context: int
+
+    def prefill(
+        self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
+    ) -> StepOutput: ...
+
+    def decode(self, embed_row: np.ndarray, position: int) -> StepOutput: ...
+
+
+class _HostLogits:
+    def __init__(self, logits: np.ndarray) -> None:
+        self._l = np.asarray(logits, dtype=np.float32).reshape(-1)
+
+    def greedy(self) -> int:
+        return int(np.argmax(self._l))
+
+    def logits(self) -> np.ndarray:
+        return self._l
+
+
+class NumpyCacheThinker:
+    """The portable-flavour thinker graph (standard ONNX ops, for TensorRT): the KV cache goes in and out of
+    every step as arrays, concatenated by the graph. Runs anywhere; the ORT flavour (runtime/thinker_ort.py)
+    is the fast path."""
+
+    def __init__(
+        self, backend: EngineBackend, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int
+    ) -> None:
         self.backend = backend
         self.num_layers = num_layers
         self.kv_shape = (1, num_kv_heads, 0, head_dim)
+        self.max_context = int(max_context)
+        self.cache: list[np.ndarray] = []
+        self.num_deepstack = 0
 
-    def empty_cache(self) -> list[np.ndarray]:
-        return [np.zeros(self.kv_shape, np.float32) for _ in range(2 * self.num_layers)]
-
-    def step(
-        self, embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray, cache: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(logits of the last position [vocab], new cache) for `embeds` [1, n, H] after `cache`."""
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray) -> _HostLogits:
         feeds: dict[str, np.ndarray] = {
             "inputs_embeds": embeds,
             "position_ids": positions,
             "deepstack_embeds": deepstack,
         }
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = cache[2 * i]
-            feeds[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+            feeds[f"past_key_values.{i}.key"] = self.cache[2 * i]
+            feeds[f"past_key_values.{i}.value"] = self.cache[2 * i + 1]
         out = self.backend.run(feeds)
-        new = []
-        for i in range(self.num_layers):
-            new += [out[f"present.{i}.key"], out[f"present.{i}.value"]]
-        return out["logits"][0, -1], new
+        self.cache = [out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")]
+        return _HostLogits(out["logits"][0, -1])
+
+    def prefill(
+        self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
+    ) -> StepOutput:
+        self.cache = [np.zeros(self.kv_shape, np.float32) for _ in range(2 * self.num_layers)]
+        seq = int(inputs_embeds.shape[1])
+        assert deepstack is not None
+        self.num_deepstack = int(deepstack.shape[0])
+        return self._run(inputs_embeds, np.asarray(positions, np.int64).reshape(3, 1, seq), deepstack)
+
+    def decode(self, embed_row: np.ndarray, position: int) -> StepOutput:
+        hidden = int(np.asarray(embed_row).size)
+        emb = np.asarray(embed_row, dtype=np.float32).reshape(1, 1, hidden)
+        pos = np.full((3, 1, 1), position, dtype=np.int64)
+        return self._run(emb, pos, np.zeros((self.num_deepstack, 1, 1, hidden), np.float32))
+
+
+def next_token(out: StepOutput, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy reads the graph's argmax; sampling draws from the logits."""
+    return out.greedy() if params.temperature <= 0 else sample_token(out.logits(), params, rng)
 
 
 def generate_steps(
-    thinker: Thinker,
+    thinker: ThinkerRunner,
     embed_table: np.ndarray,
     inputs: ThinkerInputs,
     eos_token_ids: tuple[int, ...] | list[int],
@@ -223,16 +273,12 @@ def generate_steps(
     t0 = time.perf_counter()
     t_request = t0 if t_request is None else t_request
     timings.prompt_tokens = seq
-    logits, cache = thinker.step(
-        inputs.inputs_embeds, inputs.position_ids, inputs.deepstack_embeds, cache=thinker.empty_cache()
-    )
-    tok = sample_token(logits, params, rng)
+    out = thinker.prefill(inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds)
+    tok = next_token(out, params, rng)
     now = time.perf_counter()
     timings.prefill_s = now - t0
     timings.ttft_s = now - t_request
     eos = set(int(e) for e in eos_token_ids)
-    hidden = inputs.inputs_embeds.shape[-1]
-    no_deepstack = np.zeros((inputs.deepstack_embeds.shape[0], 1, 1, hidden), np.float32)
     n = 0
     while True:
         n += 1
@@ -243,15 +289,13 @@ def generate_steps(
         if last or (cancel is not None and cancel.is_set()):
             return
         t = time.perf_counter()
-        emb = np.asarray(embed_table[[tok]], dtype=np.float32)[None]
-        pos = decode_positions(cache_len, inputs.rope_delta)
-        logits, cache = thinker.step(emb, pos, no_deepstack, cache)
-        tok = sample_token(logits, params, rng)
+        out = thinker.decode(embed_table[tok], cache_len + inputs.rope_delta)
+        tok = next_token(out, params, rng)
         timings.token_latencies_s.append(time.perf_counter() - t)
 
 
 def generate_tokens(
-    thinker: Thinker,
+    thinker: ThinkerRunner,
     embed_table: np.ndarray,
     inputs: ThinkerInputs,
     eos_token_ids: tuple[int, ...] | list[int],
@@ -275,7 +319,7 @@ def finish_reason(token_ids: list[int], eos_token_ids: tuple[int, ...], cancelle
 
 
 def run_generation(
-    thinker: Thinker,
+    thinker: ThinkerRunner,
     tokenizer: Any,
     embed_table: np.ndarray,
     inputs: ThinkerInputs,

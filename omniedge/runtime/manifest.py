@@ -14,7 +14,7 @@ from typing import Any
 
 from omniedge.errors import OmniedgeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: thinker flavours (ort / portable), rope tables, KV buffer contract
 MANIFEST_FILE = "manifest.json"
 _REEXPORT = "re-export the bundle with `omniedge export CHECKPOINT -o BUNDLE`"
 # Special tokens the runtime needs for each kind of request.
@@ -50,6 +50,22 @@ class TextSpec:
     vocab_size: int
     max_position_embeddings: int
     num_deepstack: int
+
+
+@dataclass(frozen=True)
+class ThinkerGraphSpec:
+    """How the thinker graph runs (docs/artifacts.md section 2): `ort` (contrib ops, KV buffer shared by past
+    and present, rotary from cos/sin tables) or `portable` (standard ops, KV concatenated per step)."""
+
+    flavour: str
+    dtype: str  # activations, KV cache and cos/sin tables
+    inv_freq: tuple[float, ...]
+    rope_axis: tuple[int, ...]
+    rope_scaling: float
+    providers: tuple[str, ...]  # execution providers the graph needs (empty: any)
+
+
+FLAVOURS = ("ort", "portable")
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class Manifest:
     audio: AudioSpec | None
     position_id_per_seconds: float
     components: dict[str, ComponentSpec]
+    thinker: ThinkerGraphSpec
 
     def token(self, name: str) -> int:
         """Id of a special token by short name, or a clear error if the bundle lacks it."""
@@ -199,6 +216,29 @@ def _audio(d: dict[str, Any], root: Path) -> AudioSpec:
     )
 
 
+def _thinker_graph(raw: dict[str, Any], root: Path, text: TextSpec) -> ThinkerGraphSpec:
+    g = _get(raw, "thinker_graph", root, "", dict)
+    flavour = _get(g, "flavour", root, "thinker_graph.", str)
+    if flavour not in FLAVOURS:
+        raise _bad(root, f"thinker_graph.flavour is {flavour!r}, not one of {FLAVOURS}")
+    dtype = _get(g, "dtype", root, "thinker_graph.", str)
+    if dtype not in ("float32", "float16"):
+        raise _bad(root, f"thinker_graph.dtype is {dtype!r}, not float32 or float16")
+    rope = _get(g, "rope", root, "thinker_graph.", dict)
+    inv = tuple(float(x) for x in _get(rope, "inv_freq", root, "thinker_graph.rope.", list))
+    axis = tuple(int(x) for x in _get(rope, "axis", root, "thinker_graph.rope.", list))
+    if len(inv) != text.head_dim // 2 or len(axis) != len(inv) or any(a not in (0, 1, 2) for a in axis):
+        raise _bad(root, f"thinker_graph.rope has {len(inv)} frequencies for head_dim {text.head_dim}")
+    return ThinkerGraphSpec(
+        flavour=flavour,
+        dtype=dtype,
+        inv_freq=inv,
+        rope_axis=axis,
+        rope_scaling=float(rope.get("scaling", 1.0)),
+        providers=tuple(str(p) for p in g.get("providers", [])),
+    )
+
+
 def _read_json(root: Path) -> dict[str, Any]:
     if not root.exists():
         raise OmniedgeError(
@@ -290,6 +330,7 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
         audio=audio,
         position_id_per_seconds=float(pre.get("position_id_per_seconds", 13)),
         components=components,
+        thinker=_thinker_graph(raw, root, text),
     )
     _check_files(m)
     if verify_checksums:

@@ -78,3 +78,14 @@ def decode_positions(cache_len: int, delta: int, count: int = 1) -> np.ndarray:
     """position_ids [3, 1, count] for `count` new tokens after `cache_len` cached ones."""
     p = np.arange(cache_len, cache_len + count, dtype=np.int64) + delta
     return np.broadcast_to(p, (3, 1, count)).copy()
+
+
+def rope_rows(
+    positions: np.ndarray, inv_freq: np.ndarray, axis: np.ndarray, scaling: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [seq, head_dim/2] for M-RoPE positions [3, seq]: frequency j turns with the position
+    of its axis (`axis[j]`, read off transformers' rotary module at export, docs/artifacts.md)."""
+    pos = np.asarray(positions, dtype=np.float32).reshape(3, -1)
+    # float32 angles, as transformers computes them (position * inv_freq in float32): [seq, half]
+    angles = pos[np.asarray(axis), :].T * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)

@@ -1,0 +1,437 @@
+"""The ONNX Runtime flavour of the thinker graph, built op by op from a checkpoint's tensors (no torch model).
+
+Decode reads only what a token needs: every INT4 linear is one `MatMulNBits` (q/k/v fused into one), the
+MoE of a layer is one `QMoE` node (raw router logits in; it takes top-k, softmax over those k, which is
+Qwen3's softmax -> top-k -> renormalise; INT4 experts interleaved gate/up, SwiGLU; float experts take the
+`MoE` op with the same routing and layout), attention is one
+`GroupQueryAttention` over a KV buffer preallocated for the whole context and shared by past and present
+(bound to one device buffer by the runtime: updated in place, never concatenated), with the rotary
+embedding applied inside it from cos/sin tables the runtime binds (a plain-position table for decode,
+per-token M-RoPE rows for a prefill with images). Residual adds are fused into the RMSNorms
+(`SkipSimplifiedLayerNormalization`). Only the last position's logits leave the graph, plus their argmax
+(greedy decoding reads 8 bytes, not the vocabulary). No If, no Loop, no Shape: every shape is a constant,
+so ONNX Runtime can capture the decode step as a CUDA graph.
+
+Graph contract (docs/artifacts.md section 2, flavour "ort"): see `io_contract`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omniedge.errors import OmniedgeError
+from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
+from omniedge.weights import TensorSource, fused_experts, layer_prefix
+
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What the graph needs of the thinker text config (config.json thinker_config.text_config)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    moe_intermediate: int
+    dense_intermediate: int
+    experts: int
+    top_k: int
+    norm_topk: bool
+    eps: float
+    vocab: int
+    moe_layers: frozenset[int]
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TextConfig:
+        t = config.get("thinker_config", config).get("text_config", {})
+        try:
+            heads = int(t["num_attention_heads"])
+            hidden = int(t["hidden_size"])
+            layers = int(t["num_hidden_layers"])
+            experts = int(t.get("num_experts", 0))
+            step = int(t.get("decoder_sparse_step", 1))
+            only = set(int(i) for i in t.get("mlp_only_layers", []) or [])
+            moe = frozenset(
+                i for i in range(layers) if i not in only and experts > 0 and (i + 1) % max(step, 1) == 0
+            )
+            return cls(
+                hidden=hidden,
+                layers=layers,
+                heads=heads,
+                kv_heads=int(t["num_key_value_heads"]),
+                head_dim=int(t.get("head_dim") or hidden // heads),
+                moe_intermediate=int(t.get("moe_intermediate_size", 0)),
+                dense_intermediate=int(t.get("intermediate_size", 0)),
+                experts=experts,
+                top_k=int(t.get("num_experts_per_tok", 0)),
+                norm_topk=bool(t.get("norm_topk_prob", True)),
+                eps=float(t.get("rms_norm_eps", 1e-6)),
+                vocab=int(t["vocab_size"]),
+                moe_layers=moe,
+                max_positions=int(t.get("max_position_embeddings", 32768)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise OmniedgeError(
+                f"config.json lacks a usable thinker text config ({e})", "pass a Qwen3-Omni checkpoint"
+            ) from e
+
+
+@dataclass
+class Options:
+    """How to build: activation dtype (float16 on GPU: ONNX Runtime's CUDA attention has no float32),
+    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level."""
+
+    dtype: str = "float32"
+    fused_qk_norm: bool = False
+    accuracy_level: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def np_dtype(self) -> Any:
+        return np.float16 if self.dtype == "float16" else np.float32
+
+
+def io_contract(cfg: TextConfig, num_deepstack: int, dtype: str) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs) as (name, dtype, shape). `seq`: new tokens; `max_context`: the KV buffer length
+    (a runtime setting, not a rebuild); `rope_rows`: rows of the cos/sin tables (>= past + seq)."""
+    h, kv, hd = cfg.hidden, cfg.kv_heads, cfg.head_dim
+    ins: list[tuple] = [("inputs_embeds", dtype, [1, "seq", h])]
+    if num_deepstack:
+        ins.append(("deepstack_embeds", dtype, [num_deepstack, 1, "seq", h]))
+    ins += [
+        ("position_ids", "int64", [1, "seq"]),
+        ("cos_cache", dtype, ["rope_rows", hd // 2]),
+        ("sin_cache", dtype, ["rope_rows", hd // 2]),
+        ("seqlens_k", "int32", [1]),
+        ("total_sequence_length", "int32", []),
+    ]
+    outs: list[tuple] = [("logits", "float32", [1, cfg.vocab]), ("next_token", "int64", [1])]
+    for i in range(cfg.layers):
+        for kind in ("key", "value"):
+            ins.append((f"past_key_values.{i}.{kind}", dtype, [1, kv, "max_context", hd]))
+            outs.append((f"present.{i}.{kind}", dtype, [1, kv, "max_context", hd]))
+    return ins, outs
+
+
+class _Weights:
+    """The checkpoint's tensors as numpy: float (cast to the graph dtype) or packed INT4 (kept packed)."""
+
+    def __init__(self, source: TensorSource, config: dict[str, Any], dtype: Any) -> None:
+        self.source = source
+        self.names = set(source.names())
+        self.dtype = dtype
+        q = config.get("omniedge_quantization") or {}
+        self.group = int(q.get("group_size", 128)) if q else 128
+        if q and (
+            int(q.get("bits", 4)) != 4 or int(q.get("zero_point", 8)) != 8 or not q.get("symmetric", True)
+        ):
+            raise OmniedgeError(
+                f"the checkpoint's quantization {q.get('bits')} bits, zero point {q.get('zero_point')} is not "
+                "symmetric INT4 with zero point 8",
+                "re-run `omniedge compress` with the INT4 quantize stage",
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def float(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise OmniedgeError(
+                f"the checkpoint has no tensor {name}", "pass a complete Qwen3-Omni checkpoint"
+            )
+        return self.source.get(name).float().numpy().astype(self.dtype)
+
+    def packed(self, name: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(qweight uint8 [..., N, nb, group/2], scales [..., N, nb] graph dtype) or None if not quantized."""
+        if f"{name}.qweight" not in self.names:
+            return None
+        qw = self.source.get(f"{name}.qweight").numpy()
+        sc = self.source.get(f"{name}.scales").float().numpy().astype(self.dtype)
+        nb = math.ceil(k / self.group)
+        if qw.dtype != np.uint8 or qw.shape[-2:] != (nb, self.group // 2) or sc.shape != qw.shape[:-1]:
+            raise OmniedgeError(
+                f"{name}: packed INT4 of shape {qw.shape} / scales {sc.shape} does not fit K={k}, "
+                f"group {self.group}",
+                "re-run `omniedge compress`",
+            )
+        return qw, sc
+
+
+class ThinkerBuilder:
+    """Emits the graph layer by layer; each weight is read, written to the external data, and dropped."""
+
+    def __init__(
+        self, b: GraphBuilder, w: _Weights, cfg: TextConfig, opts: Options, num_deepstack: int
+    ) -> None:
+        self.b, self.w, self.cfg, self.opts, self.nd = b, w, cfg, opts, num_deepstack
+        self.dt = opts.np_dtype
+
+    # ------------------------------------------------------------ pieces
+
+    def linear(self, x: str, names: list[str], n_out: list[int], k: int, tag: str) -> str:
+        """x @ W^T for one weight or several fused along N (q/k/v): MatMulNBits when INT4, else MatMul."""
+        packed = [self.w.packed(f"{n}.weight", k) for n in names]
+        if all(p is not None for p in packed):
+            qw = np.concatenate([p[0] for p in packed], axis=0)  # type: ignore[index]
+            sc = np.concatenate([p[1] for p in packed], axis=0)  # type: ignore[index]
+            n = int(qw.shape[0])
+            bq = self.b.const(f"{tag}.qweight", qw)
+            bs = self.b.const(f"{tag}.scales", sc.reshape(-1))
+            return self.b.op(
+                "MatMulNBits",
+                [x, bq, bs],
+                domain=MS_DOMAIN,
+                name=tag,
+                K=k,
+                N=n,
+                bits=4,
+                block_size=self.w.group,
+                accuracy_level=self.opts.accuracy_level,
+            )
+        if any(p is not None for p in packed):
+            raise OmniedgeError(
+                f"{', '.join(names)} are partly INT4, partly float", "quantize all of them or none"
+            )
+        wt = np.concatenate([self.w.float(f"{n}.weight") for n in names], axis=0)
+        if wt.shape != (sum(n_out), k):
+            raise OmniedgeError(
+                f"{names[0]} has shape {wt.shape}, expected {(sum(n_out), k)}", "check the config"
+            )
+        return self.b.op("MatMul", [x, self.b.const(f"{tag}.weight_t", np.ascontiguousarray(wt.T))], name=tag)
+
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.b.op("Reshape", [x, self.b.ints(shape)])
+
+    def rms_norm(self, x: str, weight: str, tag: str) -> str:
+        return self.b.op(
+            "SimplifiedLayerNormalization",
+            [x, self.b.const(tag, self.w.float(weight))],
+            axis=-1,
+            epsilon=self.cfg.eps,
+        )
+
+    def skip_norm(self, x: str, skip: str, weight: str, tag: str) -> tuple[str, str]:
+        """(rms_norm(x + skip), x + skip)."""
+        outs = self.b.op(
+            "SkipSimplifiedLayerNormalization",
+            [x, skip, self.b.const(tag, self.w.float(weight))],
+            n_out=4,
+            domain=MS_DOMAIN,
+            epsilon=self.cfg.eps,
+        )
+        return outs[0], outs[3]
+
+    # ------------------------------------------------------------ blocks
+
+    def attention(self, i: int, x: str) -> str:
+        c, p = self.cfg, f"{layer_prefix(i)}self_attn."
+        q_n, kv_n = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        qkv = self.linear(
+            x, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], [q_n, kv_n, kv_n], c.hidden, f"l{i}.qkv"
+        )
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        common = ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
+        attrs = dict(num_heads=c.heads, kv_num_heads=c.kv_heads, do_rotary=1, rotary_interleaved=0)
+        if self.opts.fused_qk_norm:
+            qn = self.b.const(f"l{i}.q_norm", self.w.float(f"{p}q_norm.weight"))
+            kn = self.b.const(f"l{i}.k_norm", self.w.float(f"{p}k_norm.weight"))
+            ins = [qkv, "", "", past_k, past_v, *common, "", "", "", "", qn, kn]
+            attrs["qk_norm_epsilon"] = c.eps
+        else:
+            q, k, v = self.b.op("Split", [qkv, self.b.ints([q_n, kv_n, kv_n], "split")], n_out=3, axis=-1)
+            q = self.reshape(
+                self.rms_norm(
+                    self.reshape(q, [0, 0, c.heads, c.head_dim]), f"{p}q_norm.weight", f"l{i}.q_norm"
+                ),
+                [0, 0, q_n],
+            )
+            k = self.reshape(
+                self.rms_norm(
+                    self.reshape(k, [0, 0, c.kv_heads, c.head_dim]), f"{p}k_norm.weight", f"l{i}.k_norm"
+                ),
+                [0, 0, kv_n],
+            )
+            ins = [q, k, v, past_k, past_v, *common]
+        out = f"l{i}.attn"
+        self.b.op_into(
+            "GroupQueryAttention",
+            ins,
+            [out, f"present.{i}.key", f"present.{i}.value"],
+            domain=MS_DOMAIN,
+            **attrs,
+        )
+        return self.linear(out, [f"{p}o_proj"], [c.hidden], q_n, f"l{i}.o_proj")
+
+    def moe(self, i: int, x: str) -> str:
+        c, p = self.cfg, f"{layer_prefix(i)}mlp."
+        if not c.norm_topk:
+            raise OmniedgeError(
+                "norm_topk_prob=false is not expressible with QMoE's routing in this exporter",
+                "export --flavour portable",
+            )
+        g = self.w.group
+        h, inter = c.hidden, c.moe_intermediate
+        order = np.stack([np.arange(inter), np.arange(inter) + inter], axis=1).reshape(
+            -1
+        )  # gate j, up j, ...
+        x2 = self.reshape(x, [-1, h])
+        router = self.b.const(f"l{i}.router_t", np.ascontiguousarray(self.w.float(f"{p}gate.weight").T))
+        logits = self.b.op("MatMul", [x2, router], name=f"l{i}.router")
+        attrs: dict[str, Any] = dict(
+            k=c.top_k,
+            activation_type="swiglu",
+            swiglu_fusion=1,  # fc1 rows interleaved: gate j, up j
+            activation_alpha=1.0,  # silu(gate) * up: no GPT-OSS alpha/beta/limit
+            activation_beta=0.0,
+            normalize_routing_weights=1,  # top-k of the logits, softmax over those k
+        )
+        gate_up = self.w.packed(f"{p}experts.gate_up_proj", h)
+        down = self.w.packed(f"{p}experts.down_proj", inter)
+        if gate_up is None or down is None:  # float experts: the MoE op, same routing and layout
+            fused = fused_experts(self.w.source, i)
+            if fused is None:
+                raise OmniedgeError(
+                    f"the checkpoint has no experts for layer {i}", "pass a complete checkpoint"
+                )
+            fc1 = fused[0].float().numpy().astype(self.dt)[:, order]
+            fc2 = fused[1].float().numpy().astype(self.dt)
+            self._check_experts(i, fc1.shape[:2], fc2.shape[:2])
+            y = self.b.op(
+                "MoE",
+                [x2, logits, self.b.const(f"l{i}.fc1", fc1), "", self.b.const(f"l{i}.fc2", fc2)],
+                domain=MS_DOMAIN,
+                name=f"l{i}.moe",
+                **attrs,
+            )
+            return self.reshape(y, [1, -1, h])
+        self._check_experts(i, gate_up[0].shape[:2], down[0].shape[:2])
+        fc1, s1, blocked1 = _qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
+        fc2, s2, blocked2 = _qmoe_weight(down[0], down[1], inter, g)
+        if blocked1 != blocked2:
+            raise OmniedgeError(
+                f"QMoE needs both expert widths ({h}, {inter}) to be multiples of the group {g}, or both <= it",
+                "export --flavour portable",
+            )
+        attrs["expert_weight_bits"] = 4
+        if blocked1:
+            attrs["block_size"] = g
+        y = self.b.op(
+            "QMoE",
+            [
+                x2,
+                logits,
+                self.b.const(f"l{i}.fc1", fc1),
+                self.b.const(f"l{i}.fc1_scales", s1),
+                "",
+                self.b.const(f"l{i}.fc2", fc2),
+                self.b.const(f"l{i}.fc2_scales", s2),
+            ],
+            domain=MS_DOMAIN,
+            name=f"l{i}.moe",
+            **attrs,
+        )
+        return self.reshape(y, [1, -1, h])
+
+    def _check_experts(self, i: int, fc1: tuple[int, ...], fc2: tuple[int, ...]) -> None:
+        c = self.cfg
+        if tuple(fc1) != (c.experts, 2 * c.moe_intermediate) or tuple(fc2) != (c.experts, c.hidden):
+            raise OmniedgeError(
+                f"layer {i}: experts are {tuple(fc1)} / {tuple(fc2)}, the config says {c.experts} experts of "
+                f"intermediate {c.moe_intermediate}",
+                "the config and weights disagree: re-run `omniedge compress`",
+            )
+
+    def dense_mlp(self, i: int, x: str) -> str:
+        c, p = self.cfg, f"{layer_prefix(i)}mlp."
+        inter = c.dense_intermediate
+        gu = self.linear(x, [f"{p}gate_proj", f"{p}up_proj"], [inter, inter], c.hidden, f"l{i}.gate_up")
+        gate, up = self.b.op("Split", [gu, self.b.ints([inter, inter], "split")], n_out=2, axis=-1)
+        act = self.b.op("Mul", [self.b.op("Mul", [gate, self.b.op("Sigmoid", [gate])]), up])
+        return self.linear(act, [f"{p}down_proj"], [c.hidden], inter, f"l{i}.down")
+
+    # ------------------------------------------------------------ the graph
+
+    def build(self, progress: Any = None) -> None:
+        c, b = self.cfg, self.b
+        ins, outs = io_contract(c, self.nd, self.opts.dtype)
+        for name, dtype, shape in ins:
+            b.input(name, np.dtype(dtype), shape)
+        for name, dtype, shape in outs:
+            b.output(name, np.dtype(dtype), shape)
+        resid = "inputs_embeds"
+        h = self.rms_norm(resid, f"{layer_prefix(0)}input_layernorm.weight", "l0.input_norm")
+        mlp_out = ""
+        for i in range(c.layers):
+            if i > 0:
+                h, resid = self.skip_norm(
+                    resid, mlp_out, f"{layer_prefix(i)}input_layernorm.weight", f"l{i}.input_norm"
+                )
+            attn = self.attention(i, h)
+            h, resid = self.skip_norm(
+                resid, attn, f"{layer_prefix(i)}post_attention_layernorm.weight", f"l{i}.post_norm"
+            )
+            mlp_out = self.moe(i, h) if i in c.moe_layers else self.dense_mlp(i, h)
+            if i < self.nd:  # deepstack: visual features added after the first layers (zero off the image)
+                ds = b.op("Gather", ["deepstack_embeds", b.ints([i], "idx")], axis=0)
+                mlp_out = b.op("Add", [mlp_out, self.reshape(ds, [1, -1, c.hidden])])
+            if progress is not None:
+                progress.update(1)
+        normed, _ = self.skip_norm(resid, mlp_out, "thinker.model.norm.weight", "final_norm")
+        last = b.op("Slice", [normed, b.ints([-1], "start"), b.ints([INT64_MAX], "end"), b.ints([1], "axis")])
+        logits = self.linear(last, ["thinker.lm_head"], [c.vocab], c.hidden, "lm_head")
+        logits = self.reshape(logits, [1, c.vocab])
+        b.op_into("Cast", [logits], ["logits"], to=1)
+        b.op_into("ArgMax", [logits], ["next_token"], axis=-1, keepdims=0)
+
+
+def _qmoe_weight(qw: np.ndarray, sc: np.ndarray, k: int, group: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Packed [E, N, nb, g/2] + scales [E, N, nb] -> QMoE's [E, N, K/2] + scales: blocked [E, N, K/g] when K is a
+    multiple of the group, else (K <= group: one block per row) per-channel [E, N] with the padding cut off."""
+    e, n = qw.shape[:2]
+    if k % group == 0:
+        return (
+            np.ascontiguousarray(qw.reshape(e, n, k // 2)),
+            np.ascontiguousarray(sc.reshape(e, n, -1)),
+            True,
+        )
+    if k < group and k % 2 == 0:
+        return (
+            np.ascontiguousarray(qw.reshape(e, n, -1)[..., : k // 2]),
+            np.ascontiguousarray(sc.reshape(e, n)),
+            False,
+        )
+    raise OmniedgeError(
+        f"QMoE cannot take experts of input width {k} with group {group} (not a multiple, and wider than a group)",
+        "quantize with a group that divides the expert widths, or export --flavour portable",
+    )
+
+
+def export_thinker_ort(
+    source: TensorSource,
+    config: dict[str, Any],
+    path: Path,
+    num_deepstack: int,
+    opts: Options,
+    progress: bool = True,
+) -> Path:
+    """Write thinker.onnx (+ thinker.onnx.data) for `config` from `source`; memory stays about one layer."""
+    from tqdm.auto import tqdm
+
+    cfg = TextConfig.from_config(config)
+    w = _Weights(source, config, opts.np_dtype)
+    b = GraphBuilder("thinker", path)
+    bar = tqdm(total=cfg.layers, desc="thinker layers", unit="layer", disable=not progress, leave=False)
+    ThinkerBuilder(b, w, cfg, opts, num_deepstack).build(bar)
+    bar.close()
+    doc = json.dumps({"flavour": "ort", "dtype": opts.dtype, "fused_qk_norm": opts.fused_qk_norm})
+    return b.save(doc)

@@ -1,0 +1,217 @@
+"""The thinker of an ORT-flavour bundle, run with its KV cache and step buffers resident on the device.
+
+The graph (export/thinker_ort.py) takes a KV buffer of `max_context` tokens per layer whose past and
+present are the same tensor: the runtime binds one device buffer to both (ONNX Runtime IO binding), so
+attention appends in place and nothing travels between steps but the new token's embedding row, its
+position and the lengths (a few bytes). Decode binds the same buffers every step, so on CUDA the step is
+captured once as a CUDA graph and replayed; prefill (any length) runs outside the captured graph. Greedy
+decoding reads the graph's argmax; sampling copies the logits. The same code runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omniedge.errors import OmniedgeError
+from omniedge.runtime.mrope import rope_rows
+
+_NP = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    inv_freq: np.ndarray
+    axis: np.ndarray
+    scaling: float
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rope_rows(positions, self.inv_freq, self.axis, self.scaling)
+
+
+class StepOutput:
+    """What one graph run produced, left on the device until asked for."""
+
+    def __init__(self, logits: Any, next_token: Any) -> None:
+        self._logits, self._next = logits, next_token
+
+    def greedy(self) -> int:
+        return int(self._next.numpy().reshape(-1)[0])
+
+    def logits(self) -> np.ndarray:
+        return np.asarray(self._logits.numpy(), dtype=np.float32).reshape(-1)
+
+
+class OrtThinker:
+    """Prefill and decode through IO binding; one request at a time (the app holds a lock)."""
+
+    def __init__(
+        self,
+        session: Any,
+        device: str,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden: int,
+        vocab: int,
+        num_deepstack: int,
+        dtype: str,
+        rope: RopeSpec,
+        max_context: int,
+        cuda_graph: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        self.device = device
+        self.dtype = _NP[dtype]
+        self.hidden, self.num_deepstack, self.rope = hidden, num_deepstack, rope
+        self.max_context = int(max_context)
+        self.cuda_graph = cuda_graph
+        self.num_layers = num_layers
+        kv_shape = [1, num_kv_heads, self.max_context, head_dim]
+        # The KV cache: one buffer per layer and kind, past and present bound to it.
+        self.kv = [self._alloc(kv_shape, self.dtype) for _ in range(2 * num_layers)]
+        self.kv_bytes = 2 * num_layers * int(np.prod(kv_shape)) * np.dtype(self.dtype).itemsize
+        self.logits_buf = self._alloc([1, vocab], np.float32)
+        self.next_buf = self._alloc([1], np.int64)
+        # Decode-step inputs: fixed buffers (the CUDA graph replays on these addresses).
+        self.d_embeds = self._alloc([1, 1, hidden], self.dtype)
+        self.d_deepstack = (
+            self._value(np.zeros((num_deepstack, 1, 1, hidden), self.dtype)) if num_deepstack else None
+        )
+        self.d_position = self._alloc([1, 1], np.int64)
+        self.d_seqlens = self._alloc([1], np.int32)
+        self.d_total = ort.OrtValue.ortvalue_from_numpy(
+            np.array(0, np.int32)
+        )  # read on the host by attention
+        cos, sin = rope.rows(np.broadcast_to(np.arange(self.max_context), (3, self.max_context)))
+        self.d_cos, self.d_sin = self._value(cos.astype(self.dtype)), self._value(sin.astype(self.dtype))
+        self._decode = self._bind_decode()
+        self._decode_opts = ort.RunOptions()
+        self._prefill_opts = ort.RunOptions()
+        if cuda_graph:
+            self._decode_opts.add_run_config_entry("gpu_graph_id", "1")
+            self._prefill_opts.add_run_config_entry("gpu_graph_id", "-1")
+        self.cache_len = 0
+
+    # ------------------------------------------------------------ buffers
+
+    def _alloc(self, shape: list[int], dtype: Any) -> Any:
+        if self.device == "cpu":
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+
+    def _value(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def _bind_common(self, io: Any) -> None:
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                buf = self.kv[2 * i + j]
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+        io.bind_ortvalue_output("logits", self.logits_buf)
+        io.bind_ortvalue_output("next_token", self.next_buf)
+
+    def _bind_decode(self) -> Any:
+        io = self.session.io_binding()
+        self._bind_common(io)
+        io.bind_ortvalue_input("inputs_embeds", self.d_embeds)
+        if self.d_deepstack is not None:
+            io.bind_ortvalue_input("deepstack_embeds", self.d_deepstack)
+        io.bind_ortvalue_input("position_ids", self.d_position)
+        io.bind_ortvalue_input("cos_cache", self.d_cos)
+        io.bind_ortvalue_input("sin_cache", self.d_sin)
+        io.bind_ortvalue_input("seqlens_k", self.d_seqlens)
+        io.bind_ortvalue_input("total_sequence_length", self.d_total)
+        return io
+
+    def _run(self, io: Any, opts: Any) -> StepOutput:
+        try:
+            self.session.run_with_iobinding(io, opts)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise OmniedgeError(
+                f"the thinker graph failed: {str(e).splitlines()[0]}",
+                "check that the bundle matches this onnxruntime (re-export it) and its execution provider",
+            ) from e
+        return StepOutput(self.logits_buf, self.next_buf)
+
+    # ------------------------------------------------------------ steps
+
+    def prefill(
+        self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
+    ) -> StepOutput:
+        """A new request: `inputs_embeds` [1, seq, H], M-RoPE `positions` [3, seq]; the cache starts empty."""
+        seq = int(inputs_embeds.shape[1])
+        if seq < 1 or seq > self.max_context:
+            raise OmniedgeError(
+                f"the prompt is {seq} tokens; this thinker's context is {self.max_context}",
+                "shorten the prompt or load with a larger max_context",
+            )
+        cos, sin = self.rope.rows(positions)
+        io = self.session.io_binding()
+        self._bind_common(io)
+        io.bind_ortvalue_input("inputs_embeds", self._value(inputs_embeds.astype(self.dtype)))
+        if self.num_deepstack:
+            ds = deepstack if deepstack is not None else np.zeros((self.num_deepstack, 1, seq, self.hidden))
+            io.bind_ortvalue_input("deepstack_embeds", self._value(ds.astype(self.dtype)))
+        io.bind_ortvalue_input("position_ids", self._value(np.arange(seq, dtype=np.int64)[None]))
+        io.bind_ortvalue_input("cos_cache", self._value(cos.astype(self.dtype)))
+        io.bind_ortvalue_input("sin_cache", self._value(sin.astype(self.dtype)))
+        io.bind_ortvalue_input("seqlens_k", self._value(np.array([seq - 1], np.int32)))
+        io.bind_ortvalue_input(
+            "total_sequence_length", self._ort.OrtValue.ortvalue_from_numpy(np.array(seq, np.int32))
+        )
+        out = self._run(io, self._prefill_opts)
+        self.cache_len = seq
+        return out
+
+    def decode(self, embed_row: np.ndarray, position: int) -> StepOutput:
+        """One token after the cached ones; `position` is its (plain) rotary position."""
+        if self.cache_len >= self.max_context:
+            raise OmniedgeError(f"the context of {self.max_context} tokens is full", "start a new request")
+        if not 0 <= position < self.max_context:
+            raise OmniedgeError(f"rotary position {position} is outside the table", "report this as a bug")
+        self.d_embeds.update_inplace(np.asarray(embed_row, dtype=self.dtype).reshape(1, 1, self.hidden))
+        self.d_position.update_inplace(np.array([[position]], np.int64))
+        self.d_seqlens.update_inplace(np.array([self.cache_len], np.int32))  # total length - 1
+        self.d_total.update_inplace(np.array(self.cache_len + 1, np.int32))
+        out = self._run(self._decode, self._decode_opts)
+        self.cache_len += 1
+        return out
+
+
+def make_thinker(manifest: Any, backend: Any, max_context: int) -> Any:
+    """The runner for the bundle's thinker flavour: `OrtThinker` (device-resident cache) or the portable
+    `NumpyCacheThinker`. Refuses a bundle whose graph needs an execution provider this session lacks."""
+    from omniedge.runtime.generate import NumpyCacheThinker
+
+    g, t = manifest.thinker, manifest.text
+    if g.flavour == "portable":
+        return NumpyCacheThinker(backend, t.num_layers, t.num_kv_heads, t.head_dim, max_context)
+    missing = [p for p in g.providers if p not in backend.providers]
+    if missing:
+        raise OmniedgeError(
+            f"this bundle's thinker graph was built for {', '.join(missing)} (dtype {g.dtype}); this session "
+            f"runs {', '.join(backend.providers)}",
+            "run with --providers cuda on a GPU, or export a CPU bundle (omniedge export --device cpu)",
+        )
+    rope = RopeSpec(np.asarray(g.inv_freq, np.float32), np.asarray(g.rope_axis, np.int64), g.rope_scaling)
+    return OrtThinker(
+        backend.session,
+        backend.device,
+        t.num_layers,
+        t.num_kv_heads,
+        t.head_dim,
+        t.hidden_size,
+        t.vocab_size,
+        t.num_deepstack,
+        g.dtype,
+        rope,
+        max_context,
+        cuda_graph=backend.cuda_graph,
+    )
