@@ -18,8 +18,8 @@ from omniedge.errors import OmniedgeError
 from omniedge.runtime.generate import (
     SamplingParams,
     ThinkerInputs,
-    _HostLogits,
     Timings,
+    _HostLogits,
     generate_tokens,
     sample_token,
 )
