@@ -233,11 +233,12 @@ def export_bundle(
         embed = _write_embeddings(source, tmp, dtype)
         quantization: dict[str, Any] | None = None
         thinker_float: list[str] = []
+        cost: dict[str, Any] = {}
 
         def thinker(p: Path) -> None:
             if flavour == "ort":
                 opts = Options(dtype=dtype, fused_qk_norm=fused_qk_norm)
-                export_thinker_ort(source, raw_config, p, num_deepstack, opts, progress=progress)
+                cost.update(export_thinker_ort(source, raw_config, p, num_deepstack, opts, progress=progress))
             else:
                 thinker_float.extend(_export_portable_thinker(checkpoint, p, table))
 
@@ -276,9 +277,13 @@ def export_bundle(
             "text": _text_section(config),
             "embed_tokens": {**embed, "sha256": file_sha256(tmp / "embed_tokens.npy")},
             "preprocess": _preprocess(config, size),
-            "thinker_graph": _thinker_graph(
-                flavour, dtype, config, ["CUDAExecutionProvider"] if dtype == "float16" else []
-            ),
+            "thinker_graph": {
+                **_thinker_graph(
+                    flavour, dtype, config, ["CUDAExecutionProvider"] if dtype == "float16" else []
+                ),
+                "decode_cost": cost or None,
+                "fused_qk_norm": fused_qk_norm,
+            },
             "components": components,
         }
         atomic_write_json(tmp / MANIFEST, manifest)

@@ -52,6 +52,7 @@ class GraphBuilder:
         self._data: io.BufferedWriter | None = None
         self._offset = 0
         self.weight_bytes = 0
+        self.sizes: dict[str, int] = {}  # initializer name -> bytes
 
     # ------------------------------------------------------------ values
 
@@ -74,6 +75,7 @@ class GraphBuilder:
         self._names.add(name)
         a = np.ascontiguousarray(array)
         self.weight_bytes += a.nbytes
+        self.sizes[name] = int(a.nbytes)
         if a.nbytes <= INLINE_BYTES:
             self.initializers.append(numpy_helper.from_array(a, name))
             return name

@@ -394,6 +394,35 @@ class ThinkerBuilder:
         b.op_into("ArgMax", [logits], ["next_token"], axis=-1, keepdims=0)
 
 
+def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
+    """What one decode step must read and compute, counted from the graph's initializers: every dense weight
+    (attention, norms, routers, lm_head) each token; of the experts only the top-k of each MoE layer; plus the
+    KV cache, which grows with the context. The bench's roofline and Orin projection start from this."""
+    expert = sum(n for name, n in b.sizes.items() if ".fc1" in name or ".fc2" in name)
+    dense = sum(b.sizes.values()) - expert
+    moe_layers = max(1, len(cfg.moe_layers))
+    per_token_experts = expert * cfg.top_k / max(1, cfg.experts) if cfg.experts else 0.0
+    elt = 2 if dtype == "float16" else 4
+    attn_params = (
+        cfg.hidden * (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.heads * cfg.head_dim * cfg.hidden
+    )
+    expert_params = 3 * cfg.hidden * cfg.moe_intermediate * cfg.top_k + cfg.hidden * cfg.experts
+    dense_mlp = 3 * cfg.hidden * cfg.dense_intermediate
+    active = cfg.layers * attn_params + len(cfg.moe_layers) * expert_params
+    active += (cfg.layers - len(cfg.moe_layers)) * dense_mlp + cfg.vocab * cfg.hidden
+    return {
+        "dense_bytes": int(dense),
+        "expert_bytes": int(expert),
+        "expert_bytes_per_token": float(per_token_experts),
+        "expert_bytes_per_layer": float(expert / moe_layers),
+        "bytes_per_token_at_zero_context": float(dense + per_token_experts + cfg.hidden * elt),
+        "kv_bytes_per_context_token": 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * elt,
+        "active_params_per_token": int(active),
+        "flops_per_token_at_zero_context": 2 * int(active),
+        "attention_flops_per_context_token": 4 * cfg.layers * cfg.heads * cfg.head_dim,
+    }
+
+
 def _qmoe_weight(qw: np.ndarray, sc: np.ndarray, k: int, group: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Packed [E, N, nb, g/2] + scales [E, N, nb] -> QMoE's [E, N, K/2] + scales: blocked [E, N, K/g] when K is a
     multiple of the group, else (K <= group: one block per row) per-channel [E, N] with the padding cut off."""
@@ -423,8 +452,9 @@ def export_thinker_ort(
     num_deepstack: int,
     opts: Options,
     progress: bool = True,
-) -> Path:
-    """Write thinker.onnx (+ thinker.onnx.data) for `config` from `source`; memory stays about one layer."""
+) -> dict[str, Any]:
+    """Write thinker.onnx (+ thinker.onnx.data) for `config` from `source`; memory stays about one layer.
+    Returns the decode cost (`decode_cost`) for the manifest."""
     from tqdm.auto import tqdm
 
     cfg = TextConfig.from_config(config)
@@ -434,4 +464,5 @@ def export_thinker_ort(
     ThinkerBuilder(b, w, cfg, opts, num_deepstack).build(bar)
     bar.close()
     doc = json.dumps({"flavour": "ort", "dtype": opts.dtype, "fused_qk_norm": opts.fused_qk_norm})
-    return b.save(doc)
+    b.save(doc)
+    return decode_cost(b, cfg, opts.dtype)

@@ -12,7 +12,8 @@ from omniedge.errors import OmniedgeError
 EPILOGS = {
     "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
     "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 --recipe recipes/prune40-int4.yaml",
-    "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle",
+    "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle\n"
+    "  omniedge export out/omni-int4 -o out/omni-gpu --device cuda      # float16, for onnxruntime-gpu",
     "build": "example (on the Jetson, inside the L4T container):\n  omniedge build out/omni-bundle",
     "run": "example:\n  omniedge run --prompt 'What do you see and hear?' --image cat.png --audio question.wav",
     "bench": "example:\n  omniedge bench                    # default model, built and cached on first use\n"
@@ -61,6 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="checkpoint directory (from `omniedge compress`), or `tiny`")
     e.add_argument("-o", "--out", required=True, type=Path, help="output bundle directory")
     e.add_argument("--image-size", type=int, help="square image side the vision graph is built for")
+    e.add_argument(
+        "--flavour",
+        choices=("ort", "portable"),
+        default="ort",
+        help="thinker graph: ort = ONNX Runtime contrib ops, KV cache in place (default); portable = standard "
+        "ops for TensorRT",
+    )
+    e.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="what runs the bundle: cpu = float32 graphs; cuda = float16 thinker (ONNX Runtime's CUDA provider)",
+    )
+    e.add_argument(
+        "--fused-qk-norm",
+        action="store_true",
+        help="(cuda) let GroupQueryAttention apply the q/k RMSNorm instead of separate nodes",
+    )
 
     b = cmd("build", "Build TensorRT engines from a bundle's ONNX graphs (run on the target GPU).")
     b.add_argument("bundle", type=Path, help="engine bundle directory (from `omniedge export`)")
@@ -112,7 +131,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from omniedge.export.bundle import export_cli
 
-        export_cli(args.checkpoint, args.out, image_size=args.image_size)
+        export_cli(
+            args.checkpoint,
+            args.out,
+            image_size=args.image_size,
+            flavour=args.flavour,
+            device=args.device,
+            fused_qk_norm=args.fused_qk_norm,
+        )
     elif args.command == "build":
         from omniedge.export.trt_build import build_cli
 

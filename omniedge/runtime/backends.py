@@ -122,6 +122,7 @@ class OrtBackend:
         providers: str | Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         cuda_graph: bool = False,
+        profile_prefix: str | None = None,
     ) -> None:
         self.name = name
         self.path = Path(onnx_path)
@@ -129,6 +130,7 @@ class OrtBackend:
         self.intra_op_threads = intra_op_threads
         # CUDA graphs: ONNX Runtime captures a run once and replays it (the thinker's decode step).
         self.cuda_graph = cuda_graph and "CUDAExecutionProvider" in self.providers
+        self.profile_prefix = profile_prefix  # ONNX Runtime's per-node profiler writes <prefix>_<date>.json
         self._session: Any = None
         self._inputs: dict[str, tuple[Any, type]] = {}
         self.load_seconds = 0.0
@@ -149,11 +151,11 @@ class OrtBackend:
         opts.log_severity_level = 3
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
+        if self.profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = self.profile_prefix
         before, t0 = _rss(), time.perf_counter()
-        providers: list[Any] = [
-            (p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" and self.cuda_graph else p
-            for p in self.providers
-        ]
+        providers: list[Any] = [(p, self._provider_options(p)) for p in self.providers]
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
@@ -166,6 +168,22 @@ class OrtBackend:
         self._inputs = {
             i.name: (i.shape, _ORT_DTYPES.get(i.type, np.float32)) for i in self._session.get_inputs()
         }
+
+    def _provider_options(self, provider: str) -> dict[str, str]:
+        if provider != "CUDAExecutionProvider":
+            return {}
+        # Grow the device arena by what is asked, not to the next power of two: memory stays near what the
+        # graph needs, which a shared-memory Jetson cannot spare.
+        opts = {"arena_extend_strategy": "kSameAsRequested"}
+        if self.cuda_graph:
+            opts["enable_cuda_graph"] = "1"
+        return opts
+
+    def end_profiling(self) -> str | None:
+        """Stop ONNX Runtime's profiler (if on) and return the JSON file it wrote."""
+        if self._session is None or not self.profile_prefix:
+            return None
+        return str(self._session.end_profiling())
 
     def unload(self) -> None:
         self._session = None
