@@ -278,9 +278,7 @@ def export_bundle(
             "embed_tokens": {**embed, "sha256": file_sha256(tmp / "embed_tokens.npy")},
             "preprocess": _preprocess(config, size),
             "thinker_graph": {
-                **_thinker_graph(
-                    flavour, dtype, config, ["CUDAExecutionProvider"] if dtype == "float16" else []
-                ),
+                **_thinker_graph(flavour, dtype, config, ["CUDAExecutionProvider"] if fused_qk_norm else []),
                 "decode_cost": cost or None,
                 "fused_qk_norm": fused_qk_norm,
             },

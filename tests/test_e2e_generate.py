@@ -231,27 +231,9 @@ def _audio() -> tuple[np.ndarray, int]:
 
 def _hf_greedy(model, req, eos: tuple[int, ...], n: int) -> list[int]:
     """transformers' own greedy generation (thinker.generate: prefill, then decode with its KV cache)."""
-    import torch
+    from omniedge.bench.parity import hf_greedy
 
-    kwargs = {}
-    if req.pixel_values is not None:
-        kwargs["pixel_values"] = torch.from_numpy(req.pixel_values)
-        kwargs["image_grid_thw"] = torch.tensor([list(req.image_grid_thw)])
-    if req.mel is not None:
-        kwargs["input_features"] = torch.from_numpy(req.mel)[None]
-        kwargs["feature_attention_mask"] = torch.ones(1, req.mel.shape[1], dtype=torch.long)
-    ids = torch.from_numpy(req.prompt.ids)[None]
-    with torch.no_grad():
-        out = model.thinker.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=list(eos),
-            pad_token_id=eos[0],
-            **kwargs,
-        )
-    return out[0, ids.shape[1] :].tolist()
+    return hf_greedy(model, req, eos, n)[0]
 
 
 @pytest.mark.parametrize("media", ["text", "image", "audio", "image+audio"])

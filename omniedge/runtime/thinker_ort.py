@@ -10,6 +10,7 @@ decoding reads the graph's argmax; sampling copies the logits. The same code run
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,12 @@ def make_thinker(manifest: Any, backend: Any, max_context: int) -> Any:
             f"this bundle's thinker graph was built for {', '.join(missing)} (dtype {g.dtype}); this session "
             f"runs {', '.join(backend.providers)}",
             "run with --providers cuda on a GPU, or export a CPU bundle (omniedge export --device cpu)",
+        )
+    if g.dtype == "float16" and backend.device == "cpu":
+        warnings.warn(
+            "this bundle's thinker is float16 (exported for CUDA); ONNX Runtime runs it on the CPU, slowly: "
+            "export a CPU bundle with `omniedge export --device cpu`",
+            stacklevel=2,
         )
     rope = RopeSpec(np.asarray(g.inv_freq, np.float32), np.asarray(g.rope_axis, np.int64), g.rope_scaling)
     return OrtThinker(
