@@ -421,7 +421,9 @@ def test_matmul_nbits_without_zero_points_means_eight() -> None:
         [numpy_helper.from_array(q.numpy(), "B"), numpy_helper.from_array(s.numpy().reshape(-1), "S")],
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=10,  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads up to 13
     )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(7).standard_normal((3, 200)).astype(np.float32)
