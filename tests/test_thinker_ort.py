@@ -1,0 +1,136 @@
+"""The ONNX Runtime flavour of the thinker: parity on an odd-size model, float16, the in-place KV cache.
+
+The e2e tests (test_e2e_generate.py) cover the tiny model through both flavours; here: a Qwen3-Omni config
+with odd sizes (12 experts top-3, head_dim 48, a vocabulary larger than the tokenizer's), a float16 bundle
+(as exported for CUDA) run by ONNX Runtime's CPU kernels, and what IO binding promises: the KV buffer is the
+same memory before and after a step, written in place, and the context length is a load-time setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from omniedge.bench.parity import NEAR_TIE, hf_greedy  # noqa: E402
+from omniedge.errors import OmniedgeError  # noqa: E402
+
+PROMPT = "What do you see and hear?"
+NEW = 10
+
+
+def _odd_checkpoint(path: Path) -> Path:
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    from omniedge.checkpoint import save_checkpoint
+    from omniedge.models.family import moe_blocks
+    from omniedge.models.tiny import _TOKENIZER_TEXT, TINY_VOCAB, tiny_config_dict
+    from omniedge.models.tokenizer import special_ids, train_bpe
+
+    tok = train_bpe(_TOKENIZER_TEXT, TINY_VOCAB)
+    d = tiny_config_dict(tok.get_vocab_size() + 501, special_ids(tok))  # vocab larger than the tokenizer's
+    d["thinker_config"]["text_config"].update(
+        num_experts=12, num_experts_per_tok=3, head_dim=48, num_attention_heads=4, num_key_value_heads=2
+    )
+    torch.manual_seed(3)
+    model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**d)).eval()
+    with torch.no_grad():
+        for _, block in moe_blocks(model):
+            block.gate.weight.normal_(0.0, 0.5)
+    return save_checkpoint(model, tok, path, meta={"model": "odd-size"})
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress.pipeline import compress
+    from omniedge.compress.recipe import default_recipe
+    from omniedge.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("odd")
+    src = _odd_checkpoint(root / "src")
+    recipe = default_recipe()
+    recipe["calibration"].update(samples=6, max_tokens=96, image_size=64, audio_seconds=1.0)
+    ckpt = compress(src, root / "int4", recipe, progress=False)
+    return {
+        "checkpoint": ckpt,
+        "model": load_checkpoint(ckpt)[0],
+        "fp32": export_bundle(ckpt, root / "b32", progress=False),
+        "fp16": export_bundle(ckpt, root / "b16", device="cuda", progress=False),
+    }
+
+
+def _media(kind: str) -> dict[str, Any]:
+    rng = np.random.default_rng(4)
+    t = np.arange(int(16000 * 1.3)) / 16000
+    return {
+        "image": rng.integers(0, 256, (80, 60, 3), dtype=np.uint8) if "image" in kind else None,
+        "audio": ((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000) if "audio" in kind else None,
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "audio", "image+audio"])
+def test_odd_size_model_greedy_equals_transformers(odd: dict[str, Any], kind: str) -> None:
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp32"]) as omni:
+        media = _media(kind)
+        res = omni.chat(PROMPT, max_new_tokens=NEW, **media)
+        ref, _, _ = hf_greedy(
+            odd["model"], omni.preprocess(PROMPT, **media), omni.manifest.eos_token_ids, NEW
+        )
+    assert res.token_ids == ref
+
+
+@pytest.mark.filterwarnings("ignore:this bundle's thinker is float16")
+def test_float16_bundle_follows_transformers_or_splits_at_a_near_tie(odd: dict[str, Any]) -> None:
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp16"]) as omni:
+        assert omni.manifest.thinker.dtype == "float16"
+        for kind in ("text", "image+audio"):
+            media = _media(kind)
+            got = omni.chat(PROMPT, max_new_tokens=NEW, **media).token_ids
+            ref, gaps, _ = hf_greedy(
+                odd["model"], omni.preprocess(PROMPT, **media), omni.manifest.eos_token_ids, NEW
+            )
+            diverge = next((i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
+            assert diverge is None or gaps[diverge] < NEAR_TIE, (kind, diverge, got, ref)
+
+
+def test_kv_cache_is_updated_in_place(odd: dict[str, Any]) -> None:
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp32"], max_context=64) as omni:
+        runner = omni.thinker
+        key0 = runner.kv[0]
+        ptr = key0.data_ptr()
+        inputs = omni.thinker_inputs(omni.preprocess(PROMPT))
+        seq = inputs.inputs_embeds.shape[1]
+        tok = runner.prefill(
+            inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+        ).greedy()
+        cache = key0.numpy()
+        assert np.abs(cache[:, :, :seq]).sum() > 0 and np.all(cache[:, :, seq:] == 0)
+        runner.decode(omni.embed_table[tok], seq + inputs.rope_delta)
+        after = key0.numpy()
+        assert key0.data_ptr() == ptr and runner.kv[0] is key0  # the same buffer, bound to past and present
+        assert np.array_equal(after[:, :, :seq], cache[:, :, :seq]) and np.abs(after[:, :, seq]).sum() > 0
+        assert runner.kv_bytes == 2 * omni.manifest.text.num_layers * key0.numpy().nbytes
+
+
+def test_context_length_is_a_load_setting(odd: dict[str, Any]) -> None:
+    from omniedge.runtime.app import Omni
+
+    answers = []
+    for ctx in (48, 300):
+        with Omni.load(odd["fp32"], max_context=ctx) as omni:
+            assert omni.thinker.max_context == ctx
+            answers.append(omni.chat(PROMPT, max_new_tokens=6).token_ids)
+    assert answers[0] == answers[1]
+    with Omni.load(odd["fp32"], max_context=8) as omni, pytest.raises(OmniedgeError, match="context"):
+        omni.chat(PROMPT, max_new_tokens=4)
