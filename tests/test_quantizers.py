@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from omniedge import int4
+from omniedge.compress import budget
 from omniedge.compress.quantizers import (
     AWQ,
     GPTQ,
@@ -168,6 +169,66 @@ def test_onnxruntime_matmulnbits_computes_the_packed_weight(symmetric: bool) -> 
     assert onnx is not None
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnxruntime_qmoe_computes_the_packed_experts(symmetric: bool) -> None:
+    """ORT's QMoE (swiglu, gate/up rows interleaved, zero points in slots 11/12) agrees with Qwen3's
+    softmax -> top-k -> renormalise over int4.dequantize'd experts."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    e, hid, inter, t, k, group = 4, 256, 128, 6, 2, 64
+    q = RTN(group_size=group, symmetric=symmetric)
+    gate, up, down = (
+        _weight(e, inter, hid, seed=1),
+        _weight(e, inter, hid, seed=2),
+        _weight(e, hid, inter, seed=3),
+    )
+    fc1 = q.quantize(torch.stack((gate, up), 2).reshape(e, 2 * inter, hid) * 0.1)
+    fc2 = q.quantize(down * 0.1)
+    arrays = {"fc1": fc1.qweight.reshape(e, 2 * inter, -1), "s1": fc1.scales}
+    arrays |= {"fc2": fc2.qweight.reshape(e, hid, -1), "s2": fc2.scales}
+    ins = ["x", "r", "fc1", "s1", "", "fc2", "s2"]
+    if not symmetric:
+        assert fc1.zero_points is not None and fc2.zero_points is not None
+        arrays |= {"z1": fc1.zero_points, "z2": fc2.zero_points}
+        ins += ["", "", "", "", "z1", "z2"]
+    node = helper.make_node(
+        "QMoE",
+        ins,
+        ["y"],
+        domain="com.microsoft",
+        k=k,
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        expert_weight_bits=4,
+        block_size=group,
+        normalize_routing_weights=1,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [t, hid]), ("r", [t, e]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, hid])],
+        [numpy_helper.from_array(v.numpy(), n) for n, v in arrays.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    x, logits = torch.randn(t, hid), torch.randn(t, e)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x.numpy(), "r": logits.numpy()})
+    w1 = fc1.dequantize().reshape(e, inter, 2, hid)
+    w2 = fc2.dequantize()
+    weights, experts = budget.route(logits, k)
+    ref = torch.zeros(t, hid)
+    for i in range(t):
+        for j in range(k):
+            n = int(experts[i, j])
+            h = torch.nn.functional.silu(w1[n, :, 0] @ x[i]) * (w1[n, :, 1] @ x[i])
+            ref[i] += weights[i, j] * (w2[n] @ h)
+    torch.testing.assert_close(torch.from_numpy(y), ref, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- accuracy
 
 
@@ -315,3 +376,17 @@ def test_awq_folds_leave_the_float_model_unchanged() -> None:
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="tied"):
         awq_mod.fold_into_layer(parts.text_model.layers[0], "attn_out", rand(nh * hd))
+
+
+def test_linears_sharing_an_input_quantize_together_as_one_by_one() -> None:
+    x = _inputs(400, 128, seed=8)
+    stats = _observe(x)
+    ws = [_weight(32, 128, seed=1), _weight(8, 128, seed=2), _weight(8, 128, seed=3)]
+    for q in (GPTQ(group_size=64, symmetric=False), AWQ(group_size=64)):
+        together = q.quantize_together(ws, stats)
+        for w, p in zip(ws, together, strict=True):
+            alone = q.quantize(w, stats)
+            assert torch.equal(p.qweight, alone.qweight) and torch.equal(p.scales, alone.scales)
+            assert (p.zero_points is None) == (alone.zero_points is None)
+            if p.zero_points is not None:
+                assert torch.equal(p.zero_points, alone.zero_points)

@@ -4,7 +4,7 @@ Router after pruning (Qwen3-Omni: softmax over the experts' logits -> top-k -> r
 probabilities to sum to 1, `norm_topk_prob: true`). Pruning deletes the router rows of the dropped
 experts, so the softmax runs over the kept experts only. With renormalisation the k weights are
 softmax(top-k logits): the softmax denominator cancels, so a token whose top-k experts all survive gets
-bit-for-bit the same experts and weights as before, and a token that lost one gets the next-best kept
+the same experts and weights as before (up to float rounding), and a token that lost one gets the next-best kept
 expert with the k weights again summing to 1. Without it (`norm_topk_prob: false`) the weights are the
 kept-expert softmax probabilities, p_j / sum(p over kept experts): every token's weights change with
 the pruned experts' share of probability. `router_config(renormalise)` says which config value a pruned

@@ -121,6 +121,23 @@ class Quantizer(ABC):
     def quantize(self, w: torch.Tensor, stats: InputStats | None = None) -> Packed:
         """w [N, K] (a Linear) or [E, N, K] (fused experts; stats per expert) -> Packed."""
 
+    def quantize_together(
+        self, weights: Sequence[torch.Tensor], stats: InputStats | None = None
+    ) -> list[Packed]:
+        """Linears [N_i, K] that share one input (q/k/v) as one [sum N_i, K] weight, split again: every
+        method treats output rows independently, so this equals quantizing them one by one, in one pass
+        (GPTQ walks the K columns once instead of three times)."""
+        if any(w.dim() != 2 for w in weights):
+            raise ValueError("quantize_together takes 2-D weights that share one input")
+        packed = self.quantize(torch.cat(list(weights)), stats)
+        out, start = [], 0
+        for w in weights:
+            rows = slice(start, start + w.shape[0])
+            zp = None if packed.zero_points is None else packed.zero_points[rows]
+            out.append(Packed(packed.qweight[rows], packed.scales[rows], zp, packed.k, packed.fallback))
+            start += w.shape[0]
+        return out
+
 
 def create_quantized_state_dict(
     quantizer: Quantizer,
