@@ -19,9 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from omniedge.compress.calibration import MODALITIES  # row order of every [M, E] tensor
 from omniedge.errors import OmniedgeError
-
-MODALITIES = ("text", "image", "audio")  # the order of calibration.MODALITIES (TEXT, IMAGE, AUDIO ids)
 
 
 class Sums(NamedTuple):
