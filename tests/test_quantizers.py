@@ -378,6 +378,13 @@ def test_awq_folds_leave_the_float_model_unchanged() -> None:
         awq_mod.fold_into_layer(parts.text_model.layers[0], "attn_out", rand(nh * hd))
 
 
+def test_only_awq_scales_inputs() -> None:
+    stats = _observe(_inputs(64, 128, seed=9), expert_rows=[32, 32])
+    w = _weight(2, 16, 128)
+    for q in (RTN(), GPTQ()):
+        assert q.input_scale([w], stats, per_expert=True) is None
+
+
 def test_linears_sharing_an_input_quantize_together_as_one_by_one() -> None:
     x = _inputs(400, 128, seed=8)
     stats = _observe(x)

@@ -10,7 +10,7 @@ MatMulNBits / QMoE. gpt-fast's two verbs: `create_quantized_state_dict` makes th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -113,8 +113,17 @@ class Quantizer(ABC):
     group_size: int
     symmetric: bool
 
-    def input_scale(self, weights: Sequence[torch.Tensor], stats: InputStats) -> torch.Tensor | None:
-        """A per-input-channel scale to fold into the op before these weights (AWQ); None for others."""
+    def input_scale(
+        self,
+        weights: Sequence[torch.Tensor],
+        stats: InputStats,
+        *,
+        per_expert: bool = False,
+        tie: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """A per-input-channel scale to fold into the op before these weights (AWQ); None for others.
+        `per_expert`: one scale per expert ([E, K], for down_proj) instead of one shared ([K]);
+        `tie`: makes channels that must share a scale equal (awq.tie_kv_heads for o_proj)."""
         return None
 
     @abstractmethod
