@@ -39,10 +39,13 @@ def onnx_dtype(dtype: Any) -> int:
 class GraphBuilder:
     """Nodes, inputs, outputs and initializers of one graph; `save` writes `path` (+ `path.data`)."""
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, data_path: Path | None = None, write_data: bool = True) -> None:
+        """`data_path`: the external-data file (default `<path>.data`); `write_data=False` lays out the same
+        offsets without writing, for a second graph over an existing data file (a variant of the same weights)."""
         self.name = name
         self.path = Path(path)
-        self.data_path = self.path.with_name(self.path.name + ".data")
+        self.data_path = Path(data_path) if data_path else self.path.with_name(self.path.name + ".data")
+        self.write_data = write_data
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -79,13 +82,15 @@ class GraphBuilder:
         if a.nbytes <= INLINE_BYTES:
             self.initializers.append(numpy_helper.from_array(a, name))
             return name
-        if self._data is None:
+        if self._data is None and self.write_data:
             self._data = open(self.data_path, "wb")  # noqa: SIM115 (closed in save)
         pad = (-self._offset) % ALIGN
         if pad:
-            self._data.write(b"\0" * pad)
+            if self._data is not None:
+                self._data.write(b"\0" * pad)
             self._offset += pad
-        self._data.write(a.tobytes())
+        if self._data is not None:
+            self._data.write(a.tobytes())
         t = TensorProto(name=name, data_type=onnx_dtype(a.dtype), dims=list(a.shape))
         t.data_location = TensorProto.EXTERNAL
         for k, v in (

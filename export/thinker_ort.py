@@ -213,12 +213,10 @@ class ThinkerBuilder:
         return self.b.op("Reshape", [x, self.b.ints(shape)])
 
     def rms_norm(self, x: str, weight: str, tag: str) -> str:
-        return self.b.op(
-            "SimplifiedLayerNormalization",
-            [x, self.b.const(tag, self.w.float(weight))],
-            axis=-1,
-            epsilon=self.cfg.eps,
-        )
+        return self.norm_by(x, self.b.const(tag, self.w.float(weight)))
+
+    def norm_by(self, x: str, weight_const: str) -> str:
+        return self.b.op("SimplifiedLayerNormalization", [x, weight_const], axis=-1, epsilon=self.cfg.eps)
 
     def skip_norm(self, x: str, skip: str, weight: str, tag: str) -> tuple[str, str]:
         """(rms_norm(x + skip), x + skip)."""
@@ -236,6 +234,9 @@ class ThinkerBuilder:
     def attention(self, i: int, x: str) -> str:
         c, p = self.cfg, f"{layer_prefix(i)}self_attn."
         q_n, kv_n = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        # the per-head norm weights first, so both q/k-norm variants lay out the same external data
+        qn = self.b.const(f"l{i}.q_norm", self.w.float(f"{p}q_norm.weight"))
+        kn = self.b.const(f"l{i}.k_norm", self.w.float(f"{p}k_norm.weight"))
         qkv = self.linear(
             x, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], [q_n, kv_n, kv_n], c.hidden, f"l{i}.qkv"
         )
@@ -243,24 +244,12 @@ class ThinkerBuilder:
         common = ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
         attrs = dict(num_heads=c.heads, kv_num_heads=c.kv_heads, do_rotary=1, rotary_interleaved=0)
         if self.opts.fused_qk_norm:
-            qn = self.b.const(f"l{i}.q_norm", self.w.float(f"{p}q_norm.weight"))
-            kn = self.b.const(f"l{i}.k_norm", self.w.float(f"{p}k_norm.weight"))
             ins = [qkv, "", "", past_k, past_v, *common, "", "", "", "", qn, kn]
             attrs["qk_norm_epsilon"] = c.eps
         else:
             q, k, v = self.b.op("Split", [qkv, self.b.ints([q_n, kv_n, kv_n], "split")], n_out=3, axis=-1)
-            q = self.reshape(
-                self.rms_norm(
-                    self.reshape(q, [0, 0, c.heads, c.head_dim]), f"{p}q_norm.weight", f"l{i}.q_norm"
-                ),
-                [0, 0, q_n],
-            )
-            k = self.reshape(
-                self.rms_norm(
-                    self.reshape(k, [0, 0, c.kv_heads, c.head_dim]), f"{p}k_norm.weight", f"l{i}.k_norm"
-                ),
-                [0, 0, kv_n],
-            )
+            q = self.reshape(self.norm_by(self.reshape(q, [0, 0, c.heads, c.head_dim]), qn), [0, 0, q_n])
+            k = self.reshape(self.norm_by(self.reshape(k, [0, 0, c.kv_heads, c.head_dim]), kn), [0, 0, kv_n])
             ins = [q, k, v, past_k, past_v, *common]
         out = f"l{i}.attn"
         self.b.op_into(
@@ -452,14 +441,21 @@ def export_thinker_ort(
     num_deepstack: int,
     opts: Options,
     progress: bool = True,
+    data_of: Path | None = None,
 ) -> dict[str, Any]:
     """Write thinker.onnx (+ thinker.onnx.data) for `config` from `source`; memory stays about one layer.
-    Returns the decode cost (`decode_cost`) for the manifest."""
+    Returns the decode cost (`decode_cost`) for the manifest.
+
+    `data_of`: an existing thinker graph whose `.data` file this graph shares (a variant with other options
+    over the very same weights, e.g. the fused q/k norm): only the .onnx is written."""
     from tqdm.auto import tqdm
 
     cfg = TextConfig.from_config(config)
     w = _Weights(source, config, opts.np_dtype)
-    b = GraphBuilder("thinker", path)
+    if data_of is not None:
+        b = GraphBuilder("thinker", path, data_path=Path(str(data_of) + ".data"), write_data=False)
+    else:
+        b = GraphBuilder("thinker", path)
     bar = tqdm(total=cfg.layers, desc="thinker layers", unit="layer", disable=not progress, leave=False)
     ThinkerBuilder(b, w, cfg, opts, num_deepstack).build(bar)
     bar.close()

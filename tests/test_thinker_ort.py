@@ -134,3 +134,36 @@ def test_context_length_is_a_load_setting(odd: dict[str, Any]) -> None:
     assert answers[0] == answers[1]
     with Omni.load(odd["fp32"], max_context=8) as omni, pytest.raises(OmniedgeError, match="context"):
         omni.chat(PROMPT, max_new_tokens=4)
+
+
+def test_a_graph_variant_shares_the_weights_file(odd: dict[str, Any], tmp_path: Path) -> None:
+    """A second graph over the same external data (e.g. the CUDA-only fused q/k norm) lays out identical offsets."""
+    import json
+
+    import onnx
+
+    from omniedge.export.thinker_ort import Options, export_thinker_ort
+    from omniedge.weights import SafetensorsDir
+
+    bundle = odd["fp32"]
+    cfg = json.loads((odd["checkpoint"] / "config.json").read_text())
+    variant = bundle / "thinker.variant.onnx"
+    try:
+        export_thinker_ort(
+            SafetensorsDir(odd["checkpoint"]),
+            cfg,
+            variant,
+            1,
+            Options(),
+            progress=False,
+            data_of=bundle / "thinker.onnx",
+        )
+
+        def layout(path: Path) -> dict[str, tuple[str, ...]]:
+            g = onnx.load(str(path), load_external_data=False).graph
+            return {t.name: tuple(e.value for e in t.external_data) for t in g.initializer}
+
+        assert layout(variant) == layout(bundle / "thinker.onnx")
+        assert not (bundle / "thinker.variant.onnx.data").exists()
+    finally:
+        variant.unlink(missing_ok=True)
