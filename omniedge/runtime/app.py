@@ -5,7 +5,9 @@
     for piece in omni.stream("What did I say?", audio="question.wav"):
         print(piece, end="", flush=True)
 
-One request runs at a time (a lock), so several threads may share one `Omni`.
+One request runs at a time (a first-come-first-served queue, bounded by `max_queue`), so several threads
+may share one `Omni`. `memory_budget` keeps every engine, the KV cache and the rest within one budget
+(runtime/scheduler.py): engines load on demand and the least recently used are evicted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.admission import AdmissionQueue
 from omniedge.runtime.backends import EngineBackend, OrtBackend
 from omniedge.runtime.generate import (
     GenerationResult,
@@ -84,6 +87,7 @@ class Omni:
         embed_table: np.ndarray,
         engines: dict[str, EngineBackend],
         max_context: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -92,7 +96,8 @@ class Omni:
         t = manifest.text
         self.max_context = min(max_context or t.max_position_embeddings, t.max_position_embeddings)
         self.thinker = Thinker(engines["thinker"], t.num_layers, t.num_kv_heads, t.head_dim)
-        self._lock = threading.Lock()
+        self._queue = AdmissionQueue(max_queue)
+        self.scheduler: Any = None  # a runtime.scheduler.Scheduler when loaded with a memory budget
         a = manifest.audio
         self._mel_filters = (
             mel_filter_bank(a.n_mels, a.n_fft, a.sampling_rate, 0.0, a.sampling_rate / 2) if a else None
@@ -108,8 +113,15 @@ class Omni:
         providers: str | Sequence[str] | None = None,
         verify_checksums: bool = False,
         max_context: int | None = None,
+        memory_budget: str | int | None = None,
+        pin: Sequence[str] = ("thinker",),
+        max_queue: int | None = None,
     ) -> Omni:
-        """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`)."""
+        """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`).
+
+        With `memory_budget` ("6GB", "50%", bytes) only the pinned engines load now, the others on demand,
+        and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
+        """
         m = load_manifest(bundle_dir, verify_checksums=verify_checksums)
         tokenizer = _load_tokenizer(m.tokenizer_file)
         embed = _load_embed(m)
@@ -123,7 +135,13 @@ class Omni:
                     "keep the .onnx files in the bundle",
                 )
             engines[name] = OrtBackend(name, comp.onnx, providers=providers)
-        omni = cls(m, tokenizer, embed, engines, max_context=max_context)
+        if memory_budget is not None:
+            from omniedge.runtime.budget import load_with_budget
+
+            return load_with_budget(
+                cls, m, tokenizer, embed, engines, memory_budget, pin, max_context, max_queue
+            )
+        omni = cls(m, tokenizer, embed, engines, max_context=max_context, max_queue=max_queue)
         for name, eng in engines.items():
             t0 = time.perf_counter()
             eng.load()
@@ -131,6 +149,8 @@ class Omni:
         return omni
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()  # also records the measured footprints
         for eng in self.engines.values():
             eng.unload()
 
@@ -279,7 +299,7 @@ class Omni:
         """Answer one request; `on_token` streams events as they come; `cancel.set()` stops early."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
         timings, ids = Timings(), []
-        with self._lock:
+        with self._queue.turn():
             for _ in self._events(prompt, image, audio, params, system, cancel, on_token, timings, ids):
                 pass
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -321,7 +341,17 @@ class Omni:
         timings: Timings,
     ) -> Iterator[str]:
         ids: list[int] = []
-        with self._lock:
+        with self._queue.turn():
             for ev in self._events(prompt, image, audio, params, system, cancel, None, timings, ids):
                 if ev.text:
                     yield ev.text
+
+    # ------------------------------------------------------------ conveniences
+
+    def transcribe(self, audio: AudioInput, max_new_tokens: int = 128) -> str:
+        """What was said in `audio` (greedy)."""
+        return self.chat("Transcribe the audio.", audio=audio, max_new_tokens=max_new_tokens).text
+
+    def describe(self, image: ImageInput, max_new_tokens: int = 128) -> str:
+        """A description of `image` (greedy)."""
+        return self.chat("Describe the image.", image=image, max_new_tokens=max_new_tokens).text
