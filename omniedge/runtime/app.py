@@ -184,6 +184,12 @@ class Omni:
                 )
             s = m.image
             rgb = load_image(image)
+            if min(rgb.shape[:2]) < s.patch_size:  # less than one patch: nothing the model could see
+                raise OmniedgeError(
+                    f"the image is {rgb.shape[1]}x{rgb.shape[0]} pixels; the model needs at least one "
+                    f"{s.patch_size}x{s.patch_size} patch",
+                    "send a real picture",
+                )
             req_pixels, grid = image_inputs(
                 rgb, s.size, s.patch_size, s.temporal_patch_size, s.merge_size, s.mean, s.std
             )

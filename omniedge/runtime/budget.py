@@ -101,6 +101,8 @@ def load_with_budget(
             probe.chat(max_new_tokens=2, **req)
         del probe
         scheduler.save()
+        for name in plan.on_demand:  # start as planned: only the pinned engines resident
+            scheduler.unload(name)
     scheduler.start()
     # Plan again from what was just measured (pinned engines loaded): this may shorten the context or refuse.
     scheduler.plan = plan_memory(

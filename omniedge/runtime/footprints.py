@@ -7,7 +7,7 @@ a read-only bundle keeps its numbers in memory only. Layout (docs/artifacts.md):
 
     {"schema": 1, "measurements": {"<providers>": {"meter": "process RSS", "onnxruntime": "1.23.2",
       "engines": {"vision": {"load_bytes": ..., "load_peak_bytes": ..., "run_bytes": ...,
-                             "run_bytes_per_unit": ..., "runs": 12}}}}}
+                             "retained_bytes": ..., "run_bytes_per_unit": ..., "runs": 12}}}}}
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class EngineCost:
     load_bytes: int  # resident once loaded
     load_peak_bytes: int  # the peak while loading (graph parsing can hold weights twice)
     run_bytes: int  # largest peak growth over one run
-    run_bytes_per_unit: float = (
-        0.0  # largest peak growth per unit of run size (thinker: tokens; encoders: input bytes)
-    )
+    retained_bytes: int = 0  # largest memory its runs left resident while it stayed loaded (arenas)
+    # largest peak growth per unit of run size (thinker: tokens; encoders: input bytes)
+    run_bytes_per_unit: float = 0.0
     runs: int = 0
     measured: bool = False
 
@@ -42,11 +42,8 @@ class EngineCost:
     def from_weights(cls, weight_bytes: int) -> EngineCost:
         """Before an engine was ever loaded here: its weight files, with a load peak and a run of the same
         size again. Replaced by measurements at the first load and run."""
-        return cls(weight_bytes, 2 * weight_bytes, weight_bytes)
-
-    def need_to_load(self) -> int:
-        """Bytes that must be free to load this engine and run it once."""
-        return max(self.load_peak_bytes, self.load_bytes + self.run_bytes)
+        w = weight_bytes
+        return cls(load_bytes=w, load_peak_bytes=2 * w, run_bytes=w, retained_bytes=w)
 
     def expected_run(self, size: float) -> int:
         """Peak growth expected for a run of `size` units: the upper envelope of what was measured."""

@@ -15,6 +15,7 @@ first makes room (evicting), loads if needed, and measures the run's peak with t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,29 +71,37 @@ class Plan:
     meter: str
 
     def fixed_bytes(self) -> int:
-        return self.base_bytes + self.headroom_bytes + sum(self.costs[p].load_bytes for p in self.pinned)
+        return self.base_bytes + self.headroom_bytes
 
     def _run(self, engine: str, context: int) -> int:
         c = self.costs[engine]
         return c.expected_run(context) if engine == "thinker" else c.run_bytes
 
-    def need_while(self, engine: str, context: int) -> int:
-        """Peak the process may reach while `engine` loads and runs, with `context` tokens of KV cache.
-        Pinned engines keep the working memory of their largest run (ONNX Runtime's arenas do not shrink)."""
-        held = sum(self._run(p, context) for p in self.pinned if p != engine)
+    def _resident(self, engine: str, context: int) -> int:
+        """An engine loaded, with what its runs keep (ONNX Runtime's arenas do not shrink; the thinker's
+        grow with the longest prompt, so up to a run at the full context)."""
         c = self.costs[engine]
-        run = self._run(engine, context)
-        own = run if engine in self.pinned else max(c.load_peak_bytes, c.load_bytes + run)
-        return self.fixed_bytes() + self.kv_bytes_per_token * context + held + own
+        kept = max(c.retained_bytes, self._run(engine, context)) if engine == "thinker" else c.retained_bytes
+        return c.load_bytes + kept
+
+    def need_while(self, engine: str, context: int) -> int:
+        """Peak the process may reach while `engine` loads and runs, with `context` tokens of KV cache:
+        the pinned engines as they stay, this one loaded with what it keeps, and one more run's growth."""
+        pinned = sum(self._resident(p, context) for p in self.pinned if p != engine)
+        c = self.costs[engine]
+        own = self._resident(engine, context) + self._run(engine, context)
+        if engine not in self.pinned:
+            own = max(own, c.load_peak_bytes)
+        return self.fixed_bytes() + self.kv_bytes_per_token * context + pinned + own
 
     def need(self, context: int) -> int:
         return max(self.need_while(e, context) for e in self.costs)
 
     def all_resident_bytes(self, context: int) -> int:
-        """Every engine loaded at once, each with its working memory: above this nothing is evicted."""
-        loads = sum(self.costs[e].load_bytes for e in self.on_demand)
-        runs = sum(self._run(e, context) for e in self.costs)
-        return self.fixed_bytes() + self.kv_bytes_per_token * context + loads + runs
+        """Every engine loaded at once with what it keeps, plus one run: above this nothing is evicted."""
+        resident = sum(self._resident(e, context) for e in self.costs)
+        run = max(self._run(e, context) for e in self.costs)
+        return self.fixed_bytes() + self.kv_bytes_per_token * context + resident + run
 
     def describe(self) -> list[str]:
         kv = self.kv_bytes_per_token
@@ -174,7 +183,7 @@ def plan_memory(
         raise BudgetError(
             f"memory budget {mib(budget)} is below the {mib(plan.need(floor))} ({plan.need(floor)} bytes) this "
             f"bundle needs: base {mib(base_bytes)} + headroom {mib(headroom)} + pinned "
-            f"{mib(sum(costs[p].load_bytes for p in plan.pinned))} + {worst} loaded and running "
+            f"{mib(sum(plan._resident(p, floor) for p in plan.pinned))} + {worst} loaded and running "
             f"+ KV cache for {floor} tokens",
             f"give --memory-budget {mib(plan.need(floor) + 2**20).replace(' ', '')} or more"
             + (", or pin fewer engines" if len(plan.pinned) > 1 else ""),
@@ -225,6 +234,7 @@ class Scheduler:
         self.costs = plan.costs
         self.stats = SchedulerStats()
         self._lru: OrderedDict[str, None] = OrderedDict()
+        self._held: dict[str, int] = {}  # bytes each loaded engine's runs left resident (arenas)
         self._lock = threading.RLock()
         self.engines = {name: ScheduledEngine(self, name) for name in self.backends}
 
@@ -246,13 +256,30 @@ class Scheduler:
     def save(self) -> bool:
         return self.store.write(self.costs) if self.store is not None else False
 
+    def set_budget(self, budget: int) -> None:
+        """Change the budget while serving (another model starts beside this one, or stops): evicts what no
+        longer fits; BudgetError if the context this Omni was built with cannot fit the new budget."""
+        with self._lock:
+            ctx = self.plan.max_context
+            if self.plan.need(ctx) > budget:
+                raise BudgetError(
+                    f"memory budget {mib(budget)} is below the {mib(self.plan.need(ctx))} needed for the "
+                    f"context of {ctx} tokens this model was loaded with",
+                    "load it again with the new budget (the context shrinks to fit)",
+                )
+            self.plan = dataclasses.replace(self.plan, budget=budget)
+            self._make_room("", 0)
+
     def resident(self) -> list[str]:
         return [n for n, b in self.backends.items() if b.loaded]
 
     # ------------------------------------------------------------ room, load, unload
 
     def _limit(self) -> int:
-        return self.plan.budget - self.plan.headroom_bytes
+        """What a load or run may fill up to. The plan keeps `headroom` above the base for memory that is
+        not an engine's (it grows as requests come); a quarter of it stays free at every check for what
+        other threads (request bodies arriving) allocate while an engine runs."""
+        return self.plan.budget - self.plan.headroom_bytes // 4
 
     def _make_room(self, name: str, need: int) -> None:
         """Evict least recently used, unpinned engines (never `name`) until `need` more bytes fit."""
@@ -269,7 +296,7 @@ class Scheduler:
                 now = self.meter.current()
                 raise BudgetError(
                     f"{name} needs {mib(need)} more memory; {mib(now)} is in use and the budget is "
-                    f"{mib(self.plan.budget)} ({mib(self.plan.headroom_bytes)} of it kept free), with nothing "
+                    f"{mib(self.plan.budget)} ({mib(self.plan.headroom_bytes // 4)} of it kept free), with nothing "
                     "left to evict",
                     "raise --memory-budget, pin fewer engines, or send a shorter request",
                 )
@@ -278,6 +305,7 @@ class Scheduler:
     def _unload(self, name: str, evicted: bool) -> None:
         self.backends[name].unload()
         self._lru.pop(name, None)
+        self._held.pop(name, None)
         release_freed_memory()
         if evicted:
             self.stats.evictions[name] += 1
@@ -319,7 +347,11 @@ class Scheduler:
 
     @contextlib.contextmanager
     def running(self, name: str, size: float) -> Iterator[EngineBackend]:
-        """Make room for a run of `size` units of `name`, load it, and measure the run's peak."""
+        """Make room for a run of `size` units of `name`, load it, and measure the run's peak.
+
+        No credit is taken for memory an engine kept from earlier runs (ONNX Runtime's arenas were seen
+        to grow again on a repeated shape): every run needs room for its whole expected growth.
+        """
         with self._lock:
             backend = self.backends[name]
             cost = self.costs[name]
@@ -334,14 +366,17 @@ class Scheduler:
             try:
                 yield backend
             finally:
-                peak = self.meter.peak()
+                peak, after = self.meter.peak(), self.meter.current()
                 self._check(peak)
-                self._observe(name, size, max(0, peak - before))
+                self._observe(name, size, max(0, peak - before), max(0, after - before))
 
-    def _observe(self, name: str, size: float, grew: int) -> None:
+    def _observe(self, name: str, size: float, grew: int, retained: int) -> None:
         cost = self.costs[name]
+        held = self._held.get(name, 0) + retained
+        self._held[name] = held
         first = cost.runs == 0 and not cost.measured
         cost.run_bytes = grew if first else max(cost.run_bytes, grew)
+        cost.retained_bytes = held if first else max(cost.retained_bytes, held)
         if size >= _PER_UNIT_FLOOR.get(name, 0) and size > 0:
             cost.run_bytes_per_unit = max(0.0 if first else cost.run_bytes_per_unit, grew / size)
         cost.runs += 1
