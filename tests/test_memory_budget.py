@@ -28,7 +28,7 @@ from omniedge.runtime.memory import (
     read_meminfo,
     system_used_bytes,
 )
-from omniedge.runtime.scheduler import BudgetError, kv_bytes_per_token, plan_memory
+from omniedge.runtime.plan import BudgetError, kv_bytes_per_token, plan_memory
 
 MiB = 2**20
 

@@ -7,7 +7,7 @@
 
 One request runs at a time (a first-come-first-served queue, bounded by `max_queue`), so several threads
 may share one `Omni`. `memory_budget` keeps every engine, the KV cache and the rest within one budget
-(runtime/scheduler.py): engines load on demand and the least recently used are evicted.
+(runtime/plan.py, runtime/scheduler.py): engines load on demand and the least recently used are evicted.
 """
 
 from __future__ import annotations

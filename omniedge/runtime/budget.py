@@ -16,7 +16,8 @@ from omniedge.runtime.backends import EngineBackend
 from omniedge.runtime.footprints import EngineCost, FootprintStore
 from omniedge.runtime.manifest import Manifest
 from omniedge.runtime.memory import MemoryMeter, default_meter, free_bytes, parse_budget
-from omniedge.runtime.scheduler import DEFAULT_HEADROOM, Plan, Scheduler, plan_memory
+from omniedge.runtime.plan import DEFAULT_HEADROOM, Plan, plan_memory
+from omniedge.runtime.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from omniedge.runtime.app import Omni

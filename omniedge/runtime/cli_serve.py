@@ -48,6 +48,9 @@ def serve_cli(
         ) from e
     from omniedge.runtime.app import Omni
     from omniedge.runtime.cli_run import _default_bundle
+    from omniedge.runtime.memory import tune_malloc_for_serving
+
+    tune_malloc_for_serving()  # before any engine loads or request thread starts
 
     bundle_dir = _default_bundle() if bundle is None else Path(bundle)
     for root in media_roots:
@@ -95,7 +98,7 @@ def plan_cli(
     from omniedge.runtime.budget import plan_for
     from omniedge.runtime.manifest import load_manifest
     from omniedge.runtime.memory import default_meter
-    from omniedge.runtime.scheduler import ENGINES
+    from omniedge.runtime.plan import ENGINES
 
     m = load_manifest(bundle)
     chosen = resolve_providers(providers)

@@ -192,6 +192,19 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def tune_malloc_for_serving(arenas: int = 2, mmap_threshold: int = 2**20) -> None:
+    """glibc settings for a server whose engines load and unload while requests run on many threads:
+    at most `arenas` malloc arenas (as MALLOC_ARENA_MAX does; each thread would otherwise grow its own),
+    and blocks of `mmap_threshold` bytes or more always mapped on their own, so memory an evicted engine
+    frees goes back to the OS at once instead of staying in a fragmented heap. Call before threads start."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, int(arenas))  # M_ARENA_MAX
+        libc.mallopt(-3, int(mmap_threshold))  # M_MMAP_THRESHOLD (also stops glibc raising it)
+
+
 # ---------------------------------------------------------------- meters
 
 

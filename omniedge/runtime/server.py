@@ -43,7 +43,7 @@ from omniedge.runtime.openai_api import (
     final_chunks,
     parse_chat_request,
 )
-from omniedge.runtime.scheduler import BudgetError
+from omniedge.runtime.plan import BudgetError
 
 if TYPE_CHECKING:
     import uvicorn
