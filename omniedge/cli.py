@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.memory import BUDGET_HELP
 
 EPILOGS = {
     "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
@@ -18,7 +19,10 @@ EPILOGS = {
     "run": "example:\n  omniedge run --prompt 'What do you see and hear?' --image cat.png --audio question.wav",
     "bench": "example:\n  omniedge bench                    # default model, built and cached on first use\n"
     "  omniedge bench out/omni-bundle --runs 10 --json bench/results/orin.json",
-    "info": "example:\n  omniedge info out/tiny-int4\n  omniedge info out/tiny-bundle",
+    "info": "example:\n  omniedge info out/tiny-int4\n  omniedge info out/tiny-bundle\n"
+    "  omniedge info out/omni-bundle --memory-budget 6GB     # what stays resident, the context that fits",
+    "serve": "example:\n  omniedge serve                    # default model on http://127.0.0.1:8000/v1\n"
+    "  omniedge serve out/omni-bundle --memory-budget 24GB --media-root /bundles/media",
     "eval": "example:\n  omniedge eval omni-mini --json eval.json\n"
     "  omniedge eval --compare omni-mini out/mini-int4      # retention table, student / teacher",
 }
@@ -110,6 +114,36 @@ def _parser() -> argparse.ArgumentParser:
 
     i = cmd("info", "Describe a checkpoint or an engine bundle.")
     i.add_argument("path", type=Path)
+    i.add_argument("--memory-budget", help=f"print the bundle's memory plan for this budget: {BUDGET_HELP}")
+    i.add_argument("--pin", action="append", help="engine kept resident (repeat; default: thinker)")
+    i.add_argument("--max-context", type=int, help="context to plan for (default: what the budget fits)")
+    i.add_argument("--providers", help="onnxruntime execution providers the plan is for (default: cpu)")
+
+    s = cmd("serve", "Serve a bundle over a local OpenAI-style HTTP API (chat completions, streaming).")
+    s.add_argument("bundle", nargs="?", help="engine bundle directory; default: the built-in default model")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--memory-budget", help=f"one budget for every engine and the KV cache: {BUDGET_HELP}")
+    s.add_argument(
+        "--pin", action="append", help="engine kept resident under the budget (repeat; default: thinker)"
+    )
+    s.add_argument(
+        "--max-context", type=int, help="context tokens (default: the model's, or what the budget fits)"
+    )
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    s.add_argument(
+        "--max-request-mb", type=float, default=16.0, help="largest request body in MiB (413 above)"
+    )
+    s.add_argument(
+        "--media-root",
+        action="append",
+        type=Path,
+        default=[],
+        help="directory local media paths may point into",
+    )
+    s.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
+    s.add_argument("--model-name", help="model id clients send (default: the bundle's model name)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
 
     v = cmd(
         "eval",
@@ -176,10 +210,33 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         compare = tuple(args.compare) if args.compare else None
         eval_cli(args.model, args.suite, compare, args.json, args.device)
+    elif args.command == "info" and args.memory_budget is not None:
+        from omniedge.runtime.cli_serve import plan_cli
+
+        plan_cli(
+            args.path, args.memory_budget, tuple(args.pin or ("thinker",)), args.max_context, args.providers
+        )
     elif args.command == "info":
         from omniedge.info import info_cli
 
         info_cli(args.path)
+    elif args.command == "serve":
+        from omniedge.runtime.cli_serve import serve_cli
+
+        serve_cli(
+            args.bundle,
+            host=args.host,
+            port=args.port,
+            memory_budget=args.memory_budget,
+            pin=tuple(args.pin or ("thinker",)),
+            max_context=args.max_context,
+            max_queue=args.max_queue,
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            media_roots=args.media_root,
+            providers=args.providers,
+            model_name=args.model_name,
+            api_key=args.api_key,
+        )
     return 0
 
 

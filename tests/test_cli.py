@@ -9,7 +9,7 @@ import pytest
 
 from omniedge.cli import main
 
-SUBCOMMANDS = ["compress", "export", "build", "run", "bench", "info", "eval"]
+SUBCOMMANDS = ["compress", "export", "build", "run", "bench", "info", "eval", "serve"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

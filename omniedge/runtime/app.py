@@ -5,11 +5,14 @@
     for piece in omni.stream("What did I say?", audio="question.wav"):
         print(piece, end="", flush=True)
 
-One request runs at a time (a lock), so several threads may share one `Omni`.
+One request runs at a time (a first-come-first-served queue, bounded by `max_queue`), so several threads
+may share one `Omni`. `memory_budget` keeps every engine, the KV cache and the rest within one budget
+(runtime/plan.py, runtime/scheduler.py): engines load on demand and the least recently used are evicted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.admission import AdmissionQueue
 from omniedge.runtime.backends import EngineBackend, OrtBackend
 from omniedge.runtime.generate import (
     GenerationResult,
@@ -86,6 +90,7 @@ class Omni:
         embed_table: np.ndarray,
         engines: dict[str, EngineBackend],
         max_context: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -94,7 +99,8 @@ class Omni:
         t = manifest.text
         self.max_context = min(max_context or DEFAULT_CONTEXT, t.max_position_embeddings)
         self.thinker = make_thinker(manifest, engines["thinker"], self.max_context)
-        self._lock = threading.Lock()
+        self._queue = AdmissionQueue(max_queue)
+        self.scheduler: Any = None  # a runtime.scheduler.Scheduler when loaded with a memory budget
         a = manifest.audio
         self._mel_filters = (
             mel_filter_bank(a.n_mels, a.n_fft, a.sampling_rate, 0.0, a.sampling_rate / 2) if a else None
@@ -110,12 +116,18 @@ class Omni:
         providers: str | Sequence[str] | None = None,
         verify_checksums: bool = False,
         max_context: int | None = None,
+        memory_budget: str | int | None = None,
+        pin: Sequence[str] = ("thinker",),
+        max_queue: int | None = None,
         cuda_graph: bool = True,
     ) -> Omni:
         """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`).
 
         `max_context` sizes the thinker's KV cache (allocated once, default 4096 tokens, at most the model's
-        limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it."""
+        limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it.
+        With `memory_budget` ("6GB", "50%", bytes) only the pinned engines load now, the others on demand,
+        and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
+        """
         m = load_manifest(bundle_dir, verify_checksums=verify_checksums)
         tokenizer = _load_tokenizer(m.tokenizer_file)
         embed = _load_embed(m)
@@ -131,16 +143,24 @@ class Omni:
             engines[name] = OrtBackend(
                 name, comp.onnx, providers=providers, cuda_graph=cuda_graph and name == "thinker"
             )
+        if memory_budget is not None:
+            from omniedge.runtime.budget import load_with_budget
+
+            return load_with_budget(
+                cls, m, tokenizer, embed, engines, memory_budget, pin, max_context, max_queue
+            )
         load_seconds: dict[str, float] = {}
         for name, eng in engines.items():
             t0 = time.perf_counter()
             eng.load()
             load_seconds[name] = time.perf_counter() - t0
-        omni = cls(m, tokenizer, embed, engines, max_context=max_context)
+        omni = cls(m, tokenizer, embed, engines, max_context=max_context, max_queue=max_queue)
         omni.load_seconds = load_seconds
         return omni
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()  # also records the measured footprints
         for eng in self.engines.values():
             eng.unload()
 
@@ -174,6 +194,12 @@ class Omni:
                 )
             s = m.image
             rgb = load_image(image)
+            if min(rgb.shape[:2]) < s.patch_size:  # less than one patch: nothing the model could see
+                raise OmniedgeError(
+                    f"the image is {rgb.shape[1]}x{rgb.shape[0]} pixels; the model needs at least one "
+                    f"{s.patch_size}x{s.patch_size} patch",
+                    "send a real picture",
+                )
             req_pixels, grid = image_inputs(
                 rgb, s.size, s.patch_size, s.temporal_patch_size, s.merge_size, s.mean, s.std
             )
@@ -255,21 +281,28 @@ class Omni:
         req = self.preprocess(prompt, image, audio, system)
         timings.preprocess_s = time.perf_counter() - t_request
         inputs = self.thinker_inputs(req, timings)
-        for ev in run_generation(
-            self.thinker,
-            self.tokenizer,
-            self.embed_table,
-            inputs,
-            self.manifest.eos_token_ids,
-            params,
-            self.max_context,
-            timings,
-            cancel,
-            on_token,
-            t_request,
-        ):
-            token_ids.append(ev.token_id)
-            yield ev
+        # The thinker runs through IO binding, not backend.run: under a budget its steps are measured here.
+        guard = (
+            self.scheduler.running("thinker", float(inputs.ids.size))
+            if self.scheduler is not None
+            else contextlib.nullcontext()
+        )
+        with guard:
+            for ev in run_generation(
+                self.thinker,
+                self.tokenizer,
+                self.embed_table,
+                inputs,
+                self.manifest.eos_token_ids,
+                params,
+                self.max_context,
+                timings,
+                cancel,
+                on_token,
+                t_request,
+            ):
+                token_ids.append(ev.token_id)
+                yield ev
         timings.total_s = time.perf_counter() - t_request
 
     def chat(
@@ -289,7 +322,7 @@ class Omni:
         """Answer one request; `on_token` streams events as they come; `cancel.set()` stops early."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
         timings, ids = Timings(), []
-        with self._lock:
+        with self._queue.turn():
             for _ in self._events(prompt, image, audio, params, system, cancel, on_token, timings, ids):
                 pass
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -331,7 +364,17 @@ class Omni:
         timings: Timings,
     ) -> Iterator[str]:
         ids: list[int] = []
-        with self._lock:
+        with self._queue.turn():
             for ev in self._events(prompt, image, audio, params, system, cancel, None, timings, ids):
                 if ev.text:
                     yield ev.text
+
+    # ------------------------------------------------------------ conveniences
+
+    def transcribe(self, audio: AudioInput, max_new_tokens: int = 128) -> str:
+        """What was said in `audio` (greedy)."""
+        return self.chat("Transcribe the audio.", audio=audio, max_new_tokens=max_new_tokens).text
+
+    def describe(self, image: ImageInput, max_new_tokens: int = 128) -> str:
+        """A description of `image` (greedy)."""
+        return self.chat("Describe the image.", image=image, max_new_tokens=max_new_tokens).text

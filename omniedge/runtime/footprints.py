@@ -1,0 +1,109 @@
+"""Engine footprints measured at load and run time, kept beside the bundle's manifest for planning.
+
+They live in `BUNDLE/memory.json`, not in manifest.json: the manifest is the exporter's contract (its
+files are hashed and checked, `omniedge build` rewrites it), while these numbers are the runtime's, per
+machine and execution providers, and change as the runtime sees larger requests. Written atomically;
+a read-only bundle keeps its numbers in memory only. Layout (docs/artifacts.md):
+
+    {"schema": 1, "measurements": {"<providers>": {"meter": "process RSS", "onnxruntime": "1.23.2",
+      "engines": {"vision": {"load_bytes": ..., "load_peak_bytes": ..., "run_bytes": ...,
+                             "retained_bytes": ..., "run_bytes_per_unit": ..., "runs": 12}}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omniedge.atomic import atomic_write_json
+
+FOOTPRINT_FILE = "memory.json"
+SCHEMA = 1
+log = logging.getLogger("omniedge.memory")
+
+
+@dataclass
+class EngineCost:
+    """Bytes one engine adds to the process, measured (or, before its first load, its weight files)."""
+
+    load_bytes: int  # resident once loaded
+    load_peak_bytes: int  # the peak while loading (graph parsing can hold weights twice)
+    run_bytes: int  # largest peak growth over one run
+    retained_bytes: int = 0  # largest memory its runs left resident while it stayed loaded (arenas)
+    # largest peak growth per unit of run size (thinker: tokens; encoders: input bytes)
+    run_bytes_per_unit: float = 0.0
+    runs: int = 0
+    measured: bool = False
+
+    @classmethod
+    def from_weights(cls, weight_bytes: int) -> EngineCost:
+        """Before an engine was ever loaded here: its weight files, with a load peak and a run of the same
+        size again. Replaced by measurements at the first load and run."""
+        w = weight_bytes
+        return cls(load_bytes=w, load_peak_bytes=2 * w, run_bytes=w, retained_bytes=w)
+
+    def expected_run(self, size: float) -> int:
+        """Peak growth expected for a run of `size` units: the upper envelope of what was measured."""
+        return int(max(self.run_bytes, self.run_bytes_per_unit * size))
+
+
+def _key(providers: list[str] | tuple[str, ...]) -> str:
+    return ",".join(providers) or "CPUExecutionProvider"
+
+
+class FootprintStore:
+    """Reads and writes BUNDLE/memory.json for one set of execution providers."""
+
+    def __init__(
+        self, bundle_dir: str | Path, providers: list[str] | tuple[str, ...], meter_kind: str
+    ) -> None:
+        self.path = Path(bundle_dir) / FOOTPRINT_FILE
+        self.key = _key(providers)
+        self.meter_kind = meter_kind
+
+    def _read_all(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {"schema": SCHEMA, "measurements": {}}
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            return {"schema": SCHEMA, "measurements": {}}
+        raw.setdefault("measurements", {})
+        return raw
+
+    def read(self) -> dict[str, EngineCost]:
+        """Measured costs per engine for these providers (empty when none was recorded)."""
+        entry = self._read_all()["measurements"].get(self.key) or {}
+        if entry.get("meter") not in (None, self.meter_kind):
+            return {}  # measured with another meter (another machine kind): not comparable
+        names = {f.name for f in fields(EngineCost)}
+        out = {}
+        for name, rec in (entry.get("engines") or {}).items():
+            if isinstance(rec, dict) and {"load_bytes", "load_peak_bytes", "run_bytes"} <= set(rec):
+                out[name] = EngineCost(**{k: v for k, v in rec.items() if k in names}, measured=True)
+        return out
+
+    def write(self, costs: dict[str, EngineCost]) -> bool:
+        """Merge measured costs into the file (largest value wins); False when the bundle is read-only."""
+        import onnxruntime
+
+        measured = {n: c for n, c in costs.items() if c.measured}
+        if not measured:
+            return False
+        raw = self._read_all()
+        entry = raw["measurements"].setdefault(self.key, {})
+        entry.update({"meter": self.meter_kind, "onnxruntime": onnxruntime.__version__})
+        engines = entry.setdefault("engines", {})
+        for name, cost in measured.items():
+            old = engines.get(name) or {}
+            rec = {k: v for k, v in asdict(cost).items() if k != "measured"}
+            engines[name] = {k: max(v, old.get(k, v)) if k != "runs" else v for k, v in rec.items()}
+        try:
+            atomic_write_json(self.path, raw)
+        except OSError as e:
+            log.warning("could not record engine footprints in %s (%s); they stay in memory", self.path, e)
+            return False
+        return True
