@@ -12,7 +12,6 @@ may share one `Omni`. `memory_budget` keeps every engine, the KV cache and the r
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +39,7 @@ from omniedge.runtime.media import AudioInput, ImageInput, load_audio, load_imag
 from omniedge.runtime.mrope import rope_index
 from omniedge.runtime.preprocess import AudioChunks, audio_chunks, image_inputs, log_mel, mel_filter_bank
 from omniedge.runtime.prompt import Prompt, build_prompt
-from omniedge.runtime.thinker_ort import make_thinker
+from omniedge.runtime.thinker_ort import OrtThinker, make_thinker
 
 Result = GenerationResult
 # KV cache length when the caller names none: the cache is allocated whole at load (in place updates).
@@ -78,6 +77,24 @@ def _load_embed(m: Manifest) -> np.ndarray:
             "re-export the bundle",
         )
     return table
+
+
+class _MeasuredThinker:
+    """Under a memory budget the ORT runner's steps (IO binding, not backend.run) go through the scheduler,
+    which makes room and measures each one, as it does for every other engine run (about 0.1 ms a step on a
+    CPU: a budget is a choice for memory safety over the last percent of speed)."""
+
+    def __init__(self, thinker: Any, scheduler: Any) -> None:
+        self._thinker, self._scheduler = thinker, scheduler
+        self.max_context = thinker.max_context
+
+    def prefill(self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None) -> Any:
+        with self._scheduler.running("thinker", float(inputs_embeds.shape[1])):
+            return self._thinker.prefill(inputs_embeds, positions, deepstack)
+
+    def decode(self, embed_row: np.ndarray, position: int) -> Any:
+        with self._scheduler.running("thinker", 1.0):
+            return self._thinker.decode(embed_row, position)
 
 
 class Omni:
@@ -141,7 +158,11 @@ class Omni:
                     "keep the .onnx files in the bundle",
                 )
             engines[name] = OrtBackend(
-                name, comp.onnx, providers=providers, cuda_graph=cuda_graph and name == "thinker"
+                name,
+                comp.onnx,
+                providers=providers,
+                cuda_graph=cuda_graph and name == "thinker",
+                cpu_arena=memory_budget is None,
             )
         if memory_budget is not None:
             from omniedge.runtime.budget import load_with_budget
@@ -281,28 +302,23 @@ class Omni:
         req = self.preprocess(prompt, image, audio, system)
         timings.preprocess_s = time.perf_counter() - t_request
         inputs = self.thinker_inputs(req, timings)
-        # The thinker runs through IO binding, not backend.run: under a budget its steps are measured here.
-        guard = (
-            self.scheduler.running("thinker", float(inputs.ids.size))
-            if self.scheduler is not None
-            else contextlib.nullcontext()
-        )
-        with guard:
-            for ev in run_generation(
-                self.thinker,
-                self.tokenizer,
-                self.embed_table,
-                inputs,
-                self.manifest.eos_token_ids,
-                params,
-                self.max_context,
-                timings,
-                cancel,
-                on_token,
-                t_request,
-            ):
-                token_ids.append(ev.token_id)
-                yield ev
+        measured = self.scheduler is not None and isinstance(self.thinker, OrtThinker)
+        thinker = _MeasuredThinker(self.thinker, self.scheduler) if measured else self.thinker
+        for ev in run_generation(
+            thinker,
+            self.tokenizer,
+            self.embed_table,
+            inputs,
+            self.manifest.eos_token_ids,
+            params,
+            self.max_context,
+            timings,
+            cancel,
+            on_token,
+            t_request,
+        ):
+            token_ids.append(ev.token_id)
+            yield ev
         timings.total_s = time.perf_counter() - t_request
 
     def chat(

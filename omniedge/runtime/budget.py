@@ -98,6 +98,7 @@ def load_with_budget(
     scheduler = Scheduler(backends, plan, meter, store)
     if not all(c.measured for c in plan.costs.values()):
         probe = cls(m, tokenizer, embed, scheduler.engines, max_context=plan.max_context)
+        probe.scheduler = scheduler  # its runs (the thinker's prefill too) go through the scheduler
         for req in _probe_requests(probe):
             probe.chat(max_new_tokens=2, **req)
         del probe
