@@ -144,7 +144,9 @@ def export_bundle(checkpoint: Path, out: Path, image_size: int | None = None) ->
     out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise OmniedgeError("the bundle directory is the checkpoint directory", "pass another -o/--out")
-    model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
+    # Float weights (INT4 ones dequantized): the graphs below read module weights and take the packed
+    # tensors from load_int4.
+    model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32, dequantize=True)
     parts = thinker_parts(model)
     if parts.visual is None or parts.audio_tower is None:
         raise OmniedgeError(

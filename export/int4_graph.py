@@ -86,24 +86,24 @@ def load_int4(checkpoint: Path, model: Any) -> Int4Store | None:
     f = checkpoint / str(q.get("file", "int4.safetensors"))
     if not f.is_file():
         raise OmniedgeError(f"{checkpoint} says it is INT4 but has no {f.name}", _REQUANTIZE)
-    from safetensors.torch import load_file
+    from omniedge.weights import SafetensorsDir
 
-    try:
-        tensors = load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise OmniedgeError(f"{f} is not a readable safetensors file ({e})", _REQUANTIZE) from e
+    tensors = SafetensorsDir(checkpoint)  # int4.safetensors, or its shards through the index
     params = {canonical_name(n): p for n, p in model.named_parameters()}
-    names = q.get("modules") or sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
+    in_features = q.get("in_features") or {}
+    names = q.get("modules") or sorted(
+        {k.rsplit(".", 1)[0] for k in tensors.names() if k.endswith(".qweight")}
+    )
     packed: dict[str, PackedWeight] = {}
     for name in names:
-        qw, sc = tensors.get(f"{name}.qweight"), tensors.get(f"{name}.scales")
-        if qw is None or sc is None:
+        if f"{name}.qweight" not in tensors or f"{name}.scales" not in tensors:
             raise OmniedgeError(f"{f.name} lacks {name}.qweight or {name}.scales", _REQUANTIZE)
+        qw, sc = tensors.get(f"{name}.qweight"), tensors.get(f"{name}.scales")
         key = canonical_name(name)
         p = params.get(key)
         if p is None:
             raise OmniedgeError(f"{f.name} quantizes {name}, which the model does not have", _REQUANTIZE)
-        k = int(p.shape[-1])
+        k = int(in_features.get(key) or p.shape[-1])  # the checkpoint's K (compress >= issue 7 records it)
         nb = math.ceil(k / BLOCK)
         want_q = (*p.shape[:-1], nb, BLOCK // 2)
         if qw.dtype != torch.uint8 or tuple(qw.shape) != want_q or tuple(sc.shape) != want_q[:-1]:

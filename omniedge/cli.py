@@ -11,7 +11,9 @@ from omniedge.errors import OmniedgeError
 
 EPILOGS = {
     "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
-    "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 --recipe recipes/prune40-int4.yaml",
+    "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 "
+    "--recipe recipes/qwen3-omni-30b-prune50-int4.yaml\n"
+    "  omniedge compress full -o out/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml",
     "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle",
     "build": "example (on the Jetson, inside the L4T container):\n  omniedge build out/omni-bundle",
     "run": "example:\n  omniedge run --prompt 'What do you see and hear?' --image cat.png --audio question.wav",
@@ -44,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         "compress",
         "Prune MoE experts (calibrated on real inputs) and quantize to INT4: checkpoint -> checkpoint.",
     )
-    c.add_argument("model", help="HF checkpoint directory, or `tiny` for the built-in tiny model")
+    c.add_argument(
+        "model",
+        help="HF checkpoint directory, a built-in name (`tiny`, `omni-mini`), or a random source of the real "
+        "config (`full`: all 48 layers, made on the device; `full-ci`: the same structure at CI size)",
+    )
     c.add_argument("-o", "--out", required=True, type=Path, help="output checkpoint directory")
     c.add_argument(
         "--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4"
@@ -53,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)"
     )
     c.add_argument("--no-quantize", action="store_true", help="skip the INT4 stage")
+    c.add_argument("--samples", type=int, help="calibration requests (overrides calibration.samples)")
 
     e = cmd(
         "export",
@@ -108,7 +115,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from omniedge.compress.pipeline import compress_cli
 
-        compress_cli(args.model, args.out, args.recipe, args.keep_ratio, quantize=not args.no_quantize)
+        compress_cli(
+            args.model,
+            args.out,
+            args.recipe,
+            args.keep_ratio,
+            quantize=not args.no_quantize,
+            samples=args.samples,
+        )
     elif args.command == "export":
         from omniedge.export.bundle import export_cli
 
