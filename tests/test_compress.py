@@ -16,7 +16,6 @@ import torch
 from omniedge.compress import pipeline
 from omniedge.compress.calibration import (
     AUDIO,
-    IMAGE,
     TEXT,
     Request,
     audio_features,
