@@ -45,17 +45,20 @@ def score_streams(
         pos, target = _scored(s)
         if pos.numel() == 0:
             continue
-        t = torch.log_softmax(logits(streams["teacher"][i])[pos].cpu(), dim=-1)
+        # On the device (a [positions, vocab] float32 per stream); only per-position numbers come back.
+        t = torch.log_softmax(logits(streams["teacher"][i])[pos.to(s.ids.device)], dim=-1)
+        p_t = t.exp()
+        target = target.to(t.device)
         for k in ("teacher", *students):
-            st = t if k == "teacher" else torch.log_softmax(logits(streams[k][i])[pos].cpu(), dim=-1)
-            kl = (t.exp() * (t - st)).sum(-1) if k != "teacher" else torch.zeros(len(pos))
+            st = t if k == "teacher" else torch.log_softmax(logits(streams[k][i])[pos.to(t.device)], dim=-1)
+            kl = (p_t * (t - st)).sum(-1) if k != "teacher" else torch.zeros(len(pos), device=t.device)
             agree = (t.argmax(-1) == st.argmax(-1)).float()
             nll = -st.gather(-1, target[:, None])[:, 0]
             for kind in (s.kind, "all"):
                 bucket = acc[k].setdefault(kind, ([], [], []))
-                bucket[0].append(kl)
-                bucket[1].append(agree)
-                bucket[2].append(nll)
+                for j, v in enumerate((kl, agree, nll)):
+                    bucket[j].append(v.cpu())
+            del st
     out: dict[str, dict[str, Any]] = {}
     for k, kinds in acc.items():
         if "all" not in kinds:
