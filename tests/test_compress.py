@@ -354,9 +354,9 @@ def test_int4_file_and_round_trip(tiny: Path, tmp_path: Path) -> None:
         assert bool((err <= step + 1e-7).all())  # clamped (the side opposite the extreme): <= one step
         assert float(inside.float().mean()) > 0.99
         assert float((w - deq).norm() / w.norm()) < 0.15
-    q_proj = student.thinker.model.language_model.layers[0].self_attn.q_proj
-    if not hasattr(q_proj, "qweight"):  # transformers 5.17 layout
-        q_proj = student.thinker.model.layers[0].self_attn.q_proj
+    from omniedge.models.family import thinker_parts
+
+    q_proj = thinker_parts(student).text_model.layers[0].self_attn.q_proj
     name = "thinker.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(
         q_proj.weight, dequantize(stored.get(f"{name}.qweight"), stored.get(f"{name}.scales"), 128)
