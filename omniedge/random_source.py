@@ -107,9 +107,11 @@ def write_checkpoint(
     layers: int | None = None,
     shard_bytes: int = SHARD_BYTES,
     progress: bool = True,
+    device: Any = None,
 ) -> Path:
     """Write `source` as a Hugging Face sharded checkpoint directory (atomically); with `layers`, only the
-    first `layers` thinker decoder layers (config.json says so). Returns `out`."""
+    first `layers` thinker decoder layers (config.json says so). Tensors are asked for on `device` (a
+    random source makes them there: a GPU is much faster) and written from the CPU. Returns `out`."""
     from tqdm.auto import tqdm
 
     from omniedge.atomic import atomic_dir
@@ -123,8 +125,37 @@ def write_checkpoint(
     with atomic_dir(Path(out)) as tmp:
         writer = ShardWriter(tmp, "model", shard_bytes)
         for n in tqdm(names, desc="writing", unit="tensor", disable=not progress):
-            writer.add(n, source.get(n))
+            writer.add(n, source.get(n, device))
         writer.close()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_tokenizer(tokenizer, tmp)
     return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m omniedge.random_source OUT --model full --layers 4`: write a real-format checkpoint."""
+    import argparse
+
+    from omniedge.models.full import RANDOM_MODELS, qwen_id_tokenizer, random_config_dict
+
+    ap = argparse.ArgumentParser(prog="python -m omniedge.random_source", description=main.__doc__)
+    ap.add_argument("out", type=Path, help="checkpoint directory to write (must not exist)")
+    ap.add_argument("--model", choices=RANDOM_MODELS, default="full")
+    ap.add_argument("--layers", type=int, help="thinker decoder layers to keep (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-mb", type=int, default=SHARD_BYTES >> 20)
+    ap.add_argument("--device", default="cpu", help="where tensors are made (cuda: much faster)")
+    args = ap.parse_args(argv)
+    if args.out.exists():
+        ap.error(f"{args.out} exists; choose a new directory")
+    cfg = random_config_dict(args.model)
+    src = RandomSource(cfg, seed=args.seed, layers=args.layers)
+    write_checkpoint(
+        src, src.config, qwen_id_tokenizer(cfg), args.out, shard_bytes=args.shard_mb << 20, device=args.device
+    )
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
