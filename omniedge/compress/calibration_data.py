@@ -1,6 +1,7 @@
-"""Calibration requests drawn from the omni-mini data set (train split; held-out requests from its test split): the model's own real text,
-images and speech, so pruning keeps the experts those inputs use (recipe: `calibration.source:
-omni-mini-data`, or `omni-mini-data-small` for the seconds-to-build subset)."""
+"""Calibration requests drawn from the omni-mini data set: its train split for calibration, its test split
+for the held-out requests. The model's own real text, images and speech, so pruning keeps the experts those
+inputs use (recipe: `calibration.source: omni-mini-data`, or `omni-mini-data-small` for the
+seconds-to-build subset)."""
 
 from __future__ import annotations
 
