@@ -151,7 +151,7 @@ def _export_portable_thinker(checkpoint: Path, path: Path, table: Any) -> list[s
     from omniedge.models.family import thinker_parts
     from omniedge.weights import canonical_name
 
-    model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    model, _ = load_checkpoint(checkpoint, dtype=torch.float32, dequantize=True)
     parts = thinker_parts(model)
     shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     store = load_int4(checkpoint, shapes, prefix=("thinker.model.", "thinker.lm_head"))

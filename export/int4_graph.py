@@ -92,6 +92,7 @@ def load_int4(
     all_names = set(source.names())
     listed = q.get("modules") or sorted({k[: -len(".qweight")] for k in all_names if k.endswith(".qweight")})
     names = [n for n in (canonical_name(m) for m in listed) if n.startswith(prefix)]
+    in_features = {canonical_name(k): v for k, v in (q.get("in_features") or {}).items()}
     packed: dict[str, PackedWeight] = {}
     for key in names:
         if f"{key}.qweight" not in all_names or f"{key}.scales" not in all_names:
@@ -100,7 +101,7 @@ def load_int4(
         shape = shapes.get(key)
         if shape is None:
             raise OmniedgeError(f"{checkpoint} quantizes {key}, which the model does not have", _REQUANTIZE)
-        k = int(shape[-1])
+        k = int(in_features.get(key) or shape[-1])  # the checkpoint's K (compress records it)
         nb = math.ceil(k / BLOCK)
         want_q = (*shape[:-1], nb, BLOCK // 2)
         if (

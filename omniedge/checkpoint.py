@@ -93,15 +93,28 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizers.Tokenizer) from a checkpoint directory, eval mode."""
+def load_checkpoint(path: str | Path, dtype: Any = None, dequantize: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizers.Tokenizer) from a checkpoint directory, eval mode.
+
+    An omniedge INT4 checkpoint (config.json has `omniedge_quantization`) loads with its quantized weights
+    kept packed and dequantized on the fly (omniedge.int4_modules); `dequantize=True` gives ordinary float
+    weights instead. Any other checkpoint loads through transformers' from_pretrained.
+    """
     import torch
     from tokenizers import Tokenizer
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     p = check_checkpoint_dir(path)
+    dtype = dtype or torch.float32
     try:
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(p, dtype=dtype or torch.float32)
+        if "omniedge_quantization" in json.loads((p / "config.json").read_text()):
+            from omniedge.int4_modules import load_quantized
+
+            model = load_quantized(p, dtype, dequantize=dequantize)
+        else:
+            model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(p, dtype=dtype)
+    except OmniedgeError:
+        raise
     except Exception as e:  # transformers raises many types for a damaged directory
         raise OmniedgeError(
             f"transformers could not load {p}: {e}", "re-create or re-download the checkpoint"

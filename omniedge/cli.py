@@ -12,7 +12,9 @@ from omniedge.runtime.memory import BUDGET_HELP
 
 EPILOGS = {
     "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
-    "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 --recipe recipes/prune40-int4.yaml",
+    "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 "
+    "--recipe recipes/qwen3-omni-30b-prune50-int4.yaml\n"
+    "  omniedge compress full -o out/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml",
     "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle\n"
     "  omniedge export out/omni-int4 -o out/omni-gpu --device cuda      # float16, for onnxruntime-gpu",
     "build": "example (on the Jetson, inside the L4T container):\n  omniedge build out/omni-bundle",
@@ -49,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         "compress",
         "Prune MoE experts (calibrated on real inputs) and quantize to INT4: checkpoint -> checkpoint.",
     )
-    c.add_argument("model", help="HF checkpoint directory, or `tiny` for the built-in tiny model")
+    c.add_argument(
+        "model",
+        help="HF checkpoint directory, a built-in name (`tiny`, `omni-mini`), or a random source of the real "
+        "config (`full`: all 48 layers, made on the device; `full-ci`: the same structure at CI size)",
+    )
     c.add_argument("-o", "--out", required=True, type=Path, help="output checkpoint directory")
     c.add_argument(
         "--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4"
@@ -58,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)"
     )
     c.add_argument("--no-quantize", action="store_true", help="skip the INT4 stage")
+    c.add_argument("--samples", type=int, help="calibration requests (overrides calibration.samples)")
 
     e = cmd(
         "export",
@@ -161,7 +168,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from omniedge.compress.pipeline import compress_cli
 
-        compress_cli(args.model, args.out, args.recipe, args.keep_ratio, quantize=not args.no_quantize)
+        compress_cli(
+            args.model,
+            args.out,
+            args.recipe,
+            args.keep_ratio,
+            quantize=not args.no_quantize,
+            samples=args.samples,
+        )
     elif args.command == "export":
         from omniedge.export.bundle import export_cli
 

@@ -46,11 +46,23 @@ def describe_checkpoint(path: Path) -> list[str]:
         meta = json.loads(meta_file.read_text())
         lines.append(f"  made by   {meta.get('made_by') or meta.get('model')}")
         for st in meta.get("stages", []):
+            mes = st.get("measured") or {}
             measured = ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in st.get("measured", {}).items()
+                for k, v in mes.items()
+                if not isinstance(v, dict)
             )
+            by = mes.get("by_modality") or {}
+            if by:
+                measured += "; KL " + ", ".join(f"{m} {v['kl']:.4g}" for m, v in by.items())
             lines.append(f"  stage     {st.get('name')}: {measured}")
+        run = meta.get("run")
+        if run:
+            gpu = run.get("gpu_peak_bytes")
+            lines.append(
+                f"  compress  {run.get('seconds', 0):.1f} s on {run.get('device')}, peak host RSS "
+                f"{_mib(run.get('host_peak_rss_bytes', 0))}" + (f", peak GPU {_mib(gpu)}" if gpu else "")
+            )
     return lines
 
 

@@ -16,17 +16,15 @@ import torch
 from omniedge.compress import pipeline
 from omniedge.compress.calibration import (
     AUDIO,
-    IMAGE,
     TEXT,
     Request,
     audio_features,
-    collect_router_stats,
     encode_request,
     image_features,
     modality_counts,
-    render_shapes,
-    synth_tone,
 )
+from omniedge.compress.calibration_builtin import render_shapes, synth_tone
+from omniedge.compress.moe import LayerStats
 from omniedge.compress.prune import keep_count, select_experts
 from omniedge.compress.recipe import (
     DEFAULT_RECIPE,
@@ -68,7 +66,7 @@ def _recipe(stages: list[dict[str, Any]], **calib: Any) -> dict[str, Any]:
     return {
         "stages": stages,
         "calibration": {**FAST_CALIB, **calib},
-        "measure": {"texts": 4, "max_tokens": 64},
+        "measure": {"texts": 4, "images": 2, "audios": 2, "max_tokens": 64},
     }
 
 
@@ -131,6 +129,10 @@ def test_30b_recipe_keeps_64_of_128() -> None:
         ({"stages": [], "calibration": {"image_size": 100}}, "multiple of 32"),
         ({"stages": [], "dtype": "int8"}, "dtype"),
         ({"stages": [], "speed": "fast"}, "unknown field"),
+        ({"stages": [], "measure": {"texts": 0, "images": 0, "audios": 0}}, "no held-out"),
+        ({"stages": [], "output": {"text_only": False}}, "talker"),
+        ({"stages": [], "calibration": {"source": "pack"}}, "needs the pack"),
+        ({"stages": [{"quantize": {"method": "gptq-someday"}}]}, "method"),
         (["prune"], "expected a mapping"),
     ],
 )
@@ -175,26 +177,24 @@ def test_keep_count() -> None:
 
 
 def test_select_experts_keeps_highest_in_order() -> None:
-    scores = torch.tensor([[0.1, 0.9, 0.3, 0.9, 0.0], [5.0, 1.0, 1.0, 1.0, 4.0]])
-    assert select_experts(scores, 2) == [[1, 3], [0, 4]]
-    assert select_experts(scores, 3) == [[1, 2, 3], [0, 1, 4]]  # tie 1/2/3 in layer 1: lowest index wins
+    assert select_experts(torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0]), 2) == [1, 3]
+    assert select_experts(torch.tensor([5.0, 1.0, 1.0, 1.0, 4.0]), 3) == [0, 1, 4]  # tie: lowest index wins
 
 
 def test_modality_weighting_protects_audio_experts() -> None:
-    from omniedge.compress.calibration import RouterStats
     from omniedge.compress.prune import SALIENCY
 
     # 1000 text tokens spread over experts 0-2; 10 audio tokens that all use experts 3 (and 0).
-    stats = RouterStats.empty([0], num_experts=6, top_k=2)
+    stats = LayerStats.empty(0, num_experts=6, top_k=2)
     stats.tokens[:] = torch.tensor([1000, 0, 10])
-    stats.counts[0, TEXT] = torch.tensor([700, 700, 600, 0, 0, 0])
-    stats.counts[0, AUDIO] = torch.tensor([10, 0, 0, 10, 0, 0])
-    stats.weights = stats.counts.double() / 2
+    stats.counts[TEXT] = torch.tensor([700, 700, 600, 0, 0, 0])
+    stats.counts[AUDIO] = torch.tensor([10, 0, 0, 10, 0, 0])
+    stats.weight = stats.counts.double() / 2
     for method in ("frequency", "router_weight"):
         by_modality = SALIENCY[method](stats, {"weighting": "modality"})
         by_token = SALIENCY[method](stats, {"weighting": "token"})
-        assert select_experts(by_modality, 3) == [[0, 1, 3]]  # audio's expert 3 survives
-        assert select_experts(by_token, 3) == [[0, 1, 2]]  # drowned by text tokens
+        assert select_experts(by_modality, 3) == [0, 1, 3]  # audio's expert 3 survives
+        assert select_experts(by_token, 3) == [0, 1, 2]  # drowned by text tokens
 
 
 def test_modality_counts() -> None:
@@ -239,26 +239,6 @@ def test_features_agree_with_transformers(tiny: Path) -> None:
     assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
 
 
-def test_router_counts_cover_every_token(tiny: Path) -> None:
-    model, tok = _load(tiny)
-    rng = np.random.default_rng(0)
-    img, _ = render_shapes(64, rng)
-    tone, _ = synth_tone(1.0, rng)
-    reqs = [Request("Hello there, robot.", "Hello!"), Request("Describe.", "Shapes.", image=img)]
-    reqs.append(Request("What do you hear?", "A tone.", audio=tone))
-    enc = [encode_request(r, tok, model, 128) for r in reqs]
-    assert int((enc[1].modality == IMAGE).sum()) == 4  # 64x64 image: 4x4 patches merged 2x2
-    assert int((enc[2].modality == AUDIO).sum()) == 13  # 1 s of audio = 13 tokens
-    stats = collect_router_stats(model, enc, progress=False)
-    tokens = sum(torch.bincount(e.modality, minlength=3) for e in enc)
-    assert stats.tokens.tolist() == tokens.tolist()
-    assert int(stats.tokens[TEXT]) > 20
-    # every position of every modality put exactly top_k choices into every layer's counts
-    assert stats.counts.sum(-1).tolist() == [(tokens * stats.top_k).tolist()] * len(stats.layers)
-    # renormalised top-k weights sum to 1 per position
-    torch.testing.assert_close(stats.weights.sum(-1), tokens.double().expand_as(stats.weights.sum(-1)))
-
-
 # ---------------------------------------------------------------- pruning on the model
 
 KNOWN = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}  # the experts each layer's router is forced to use
@@ -294,6 +274,7 @@ def test_pruning_keeps_the_routed_experts(biased: Path, tmp_path: Path) -> None:
 
     out = tmp_path / "pruned"
     recipe = _recipe([{"prune": {"keep_ratio": 0.5}}], mix={"text": 1.0, "image": 0.0, "audio": 0.0})
+    recipe["measure"] = {"texts": 4, "images": 0, "audios": 0}  # the routers are forced on text only
     pipeline.compress(biased, out, recipe, progress=False)
     meta = json.loads((out / "omniedge.json").read_text())
     prune = meta["stages"][0]
@@ -334,29 +315,35 @@ def test_keep_all_without_quantization_is_exact(tiny: Path, tmp_path: Path) -> N
 
 
 def test_int4_file_and_round_trip(tiny: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-    from transformers import Qwen3OmniMoeForConditionalGeneration
+    from omniedge.weights import SafetensorsDir, canonical_name
 
     out = pipeline.compress(tiny, tmp_path / "q", _recipe([{"quantize": {}}]), progress=False)
-    q = load_file(str(out / "int4.safetensors"))
     cfg = json.loads((out / "config.json").read_text())["omniedge_quantization"]
     assert cfg["bits"] == 4 and cfg["group_size"] == 128 and cfg["zero_point"] == 8
     assert cfg["file"] == "int4.safetensors"
     assert len(cfg["modules"]) == 12  # 2 layers x (4 attention projections + 2 fused expert tensors)
-    assert sorted(q) == sorted(f"{n}.{s}" for n in cfg["modules"] for s in ("qweight", "scales"))
+    assert cfg["in_features"] == dict.fromkeys(cfg["modules"], 128)
+    assert all(n == canonical_name(n) for n in cfg["modules"])  # on-disk spelling, whatever transformers
+    stored = SafetensorsDir(out)
+    int4_names = sorted(n for n in stored.names() if n.endswith((".qweight", ".scales")))
+    assert int4_names == sorted(f"{n}.{s}" for n in cfg["modules"] for s in ("qweight", "scales"))
+    assert all(stored.file_of(n).name == "int4.safetensors" for n in int4_names)
+    # No float copy of a quantized weight anywhere (fused or per expert).
+    floats = [n for n in stored.names() if stored.file_of(n).name == "model.safetensors"]
+    assert not [n for n in floats if n in cfg["modules"] or ".experts." in n]
 
     teacher, _ = _load(tiny)
-    student = Qwen3OmniMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
-    assert student.config.omniedge_quantization["modules"] == cfg["modules"]
-    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    t_sd = {canonical_name(n): p for n, p in teacher.state_dict().items()}
+    student, _ = _load(out)  # INT4 modules, dequantized on the fly
+    s_sd = {canonical_name(n): p for n, p in student.state_dict().items()}
     for name in cfg["modules"]:
         w = t_sd[name]
         *lead, n, k = w.shape
-        qw, sc = q[f"{name}.qweight"], q[f"{name}.scales"]
+        qw, sc = stored.get(f"{name}.qweight"), stored.get(f"{name}.scales")
         assert qw.dtype == torch.uint8 and tuple(qw.shape) == (*lead, n, -(-k // 128), 64)
         assert sc.dtype == torch.float32 and tuple(sc.shape) == (*lead, n, -(-k // 128))
+        assert name not in s_sd  # the student holds the packed tensors, not a float weight
         deq = dequantize(qw, sc, k)
-        assert torch.equal(s_sd[name], deq)  # model.safetensors holds exactly the dequantized weights
         step = sc.unsqueeze(-1)
         err = (w - deq).abs().reshape(*lead, n, -1, 128)
         code = w.reshape(*lead, n, -1, 128) / step
@@ -367,14 +354,20 @@ def test_int4_file_and_round_trip(tiny: Path, tmp_path: Path) -> None:
         assert bool((err <= step + 1e-7).all())  # clamped (the side opposite the extreme): <= one step
         assert float(inside.float().mean()) > 0.99
         assert float((w - deq).norm() / w.norm()) < 0.15
+    from omniedge.models.family import thinker_parts
+
+    q_proj = thinker_parts(student).text_model.layers[0].self_attn.q_proj
+    name = "thinker.model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(
+        q_proj.weight, dequantize(stored.get(f"{name}.qweight"), stored.get(f"{name}.scales"), 128)
+    )
     # what is not a target stays bit-exact
-    for name in ("thinker.lm_head.weight", "thinker.model.language_model.layers.0.mlp.gate.weight"):
-        if name in t_sd:
-            assert torch.equal(t_sd[name], s_sd[name])
+    for name in ("thinker.lm_head.weight", "thinker.model.layers.0.mlp.gate.weight"):
+        assert torch.equal(t_sd[name], s_sd[name])
 
 
 def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path: Path) -> None:
-    from omniedge.compress.calibration import heldout_texts
+    from omniedge.compress.calibration_builtin import HELDOUT_TEXTS
 
     out = pipeline.compress_cli("tiny", tmp_path / "default", None, None, True)
     meta = json.loads((out / "omniedge.json").read_text())
@@ -387,6 +380,8 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
         meta["source"]["files"]["model.safetensors"]
         == json.loads((tiny / "omniedge.json").read_text())["files"]["model.safetensors"]
     )
+    by = meta["stages"][-1]["measured"]["by_modality"]
+    assert sorted(by) == ["audio", "image", "text"] and all(0 <= by[m]["kl"] < 0.05 for m in by)
     kl = meta["stages"][-1]["measured"]["kl"]
     print(f"tiny, default recipe (prune 8->4 + INT4 g128): KL {kl:.5f} nats/token, "
           f"top-1 {meta['stages'][-1]['measured']['top1']:.3f}")  # fmt: skip
@@ -394,7 +389,7 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
     # Recompute KL independently on the first held-out text.
     teacher, tok = _load(tiny)
     student, _ = _load(out)
-    ids = torch.tensor([tok.encode(heldout_texts(1)[0]).ids[:64]])
+    ids = torch.tensor([tok.encode(HELDOUT_TEXTS[0]).ids[:64]])
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     lt, ls = torch.log_softmax(_logits(teacher, kw)[0], -1), torch.log_softmax(_logits(student, kw)[0], -1)
     mine = float((lt.exp() * (lt - ls)).sum(-1).mean())
@@ -426,39 +421,68 @@ def test_refuses_to_replace_a_foreign_directory(tiny: Path, tmp_path: Path) -> N
         pipeline.compress(tiny, tiny, _recipe([]), progress=False)
 
 
+def test_not_qwen3_omni_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(OmniedgeError, match="not Qwen3-Omni"):
+        pipeline.compress(bad, tmp_path / "out", _recipe([]), progress=False)
+
+
+def test_checkpoint_missing_tensors_fails_before_work(tiny: Path, tmp_path: Path) -> None:
+    """A config that promises a layer the shards do not hold: one error naming the tensors, no output."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["thinker_config"]["text_config"]["num_hidden_layers"] = 3
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OmniedgeError, match=r"lacks \d+ tensor.*layers\.2\."):
+        pipeline.compress(broken, tmp_path / "out", _recipe([{"quantize": {}}]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_too_small_fails_before_work(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import namedtuple
+
+    from omniedge.compress import output
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda _p: usage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OmniedgeError, match="GiB free; the compressed checkpoint needs about") as e:
+        pipeline.compress(tiny, tmp_path / "out", _recipe([{"quantize": {}}]), progress=False)
+    assert "larger disk" in (e.value.fix or "")
+    assert os.listdir(tmp_path) == []
+
+
+def test_already_quantized_input_is_refused(tiny: Path, tmp_path: Path) -> None:
+    q = pipeline.compress(tiny, tmp_path / "q", _recipe([{"quantize": {}}]), progress=False)
+    with pytest.raises(OmniedgeError, match="already an omniedge INT4 checkpoint"):
+        pipeline.compress(q, tmp_path / "qq", _recipe([{"quantize": {}}]), progress=False)
+
+
 def test_impossible_keep_ratio_fails_before_calibrating(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(OmniedgeError, match="fewer than the 2"):
         pipeline.compress(tiny, tmp_path / "out", _recipe([{"prune": {"keep_ratio": 0.1}}]), progress=False)
-    assert os.listdir(tmp_path) == []  # no output, no calibration cache
+    assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_interrupted_run_leaves_nothing_and_resumes(
-    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_run_leaves_nothing(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omniedge.compress import output
+
     out = tmp_path / "out"
     recipe = _recipe([{"prune": {"keep_ratio": 0.5}}, {"quantize": {}}])
 
     def crash(*_a: Any, **_k: Any) -> None:
-        raise RuntimeError("power cut while writing int4.safetensors")
+        raise RuntimeError("power cut while writing the last shard")
 
-    monkeypatch.setattr(pipeline, "write_int4", crash)
+    monkeypatch.setattr(output.CheckpointWriter, "close", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         pipeline.compress(tiny, out, recipe, progress=False)
-    assert not out.exists()
-    assert sorted(os.listdir(tmp_path)) == [pipeline.CACHE_DIR]  # no half-written temp directory either
-    assert len(list((tmp_path / pipeline.CACHE_DIR).glob("*.pt"))) == 1
-
-    # The re-run must not calibrate again: the cached statistics are used.
-    monkeypatch.undo()
-
-    def no_calibration(*_a: Any, **_k: Any) -> None:
-        raise AssertionError("calibration ran again despite the cache")
-
-    monkeypatch.setattr(pipeline, "calibrate", no_calibration)
-    pipeline.compress(tiny, out, recipe, progress=False)
-    meta = json.loads((out / "omniedge.json").read_text())
-    assert meta["calibration"]["cached"] is True
-    assert (out / "int4.safetensors").is_file()
+    assert os.listdir(tmp_path) == []  # no output, no half-written temporary directory
 
 
 def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
@@ -472,9 +496,9 @@ def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
 
     source = get_source("omni-mini-data-small")
     rng = np.random.default_rng(0)
-    text = source("text", 3, {}, rng)
-    images = source("image", 2, {}, rng)
-    audio = source("audio", 2, {}, rng)
+    text = source("text", 3, {}, rng, "calibration")
+    images = source("image", 2, {}, rng, "calibration")
+    audio = source("audio", 2, {}, rng, "calibration")
     train_texts = {r["text"][:1200] for r in load_split(build_dataset(size="small"), "text", "train")}
     assert all(r.reply in train_texts and r.image is None for r in text)
     assert all(r.image is not None and r.image.dtype == np.uint8 and r.image.ndim == 3 for r in images)

@@ -18,8 +18,9 @@ PY
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    wheels)
-      ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site .whl/*.whl ;;
+    wheels)  # espeakng-loader (speech for calibration), English data only, carried as .whl/espeakng_loader-en.tar.xz
+      python3 -c "import tarfile; tarfile.open('.whl/espeakng_loader-en.tar.xz').extractall('/root/site')" && \
+        python3 -c "import espeakng_loader, os; print('espeakng_loader at', os.path.dirname(espeakng_loader.__file__))" ;;
     compress)
       peak python3 -m omniedge.cli compress full -o $W/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml \
         2>&1 | tee $OUT/compress.log | tail -40

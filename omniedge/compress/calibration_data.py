@@ -1,6 +1,7 @@
-"""Calibration requests drawn from the omni-mini data set's train split: the model's own real text,
-images and speech, so pruning keeps the experts those inputs use (recipe: `calibration.source:
-omni-mini-data`, or `omni-mini-data-small` for the seconds-to-build subset)."""
+"""Calibration requests drawn from the omni-mini data set: its train split for calibration, its test split
+for the held-out requests. The model's own real text, images and speech, so pruning keeps the experts those
+inputs use (recipe: `calibration.source: omni-mini-data`, or `omni-mini-data-small` for the
+seconds-to-build subset)."""
 
 from __future__ import annotations
 
@@ -25,21 +26,22 @@ def _pick(rows: list[dict[str, Any]], n: int, rng: np.random.Generator, task: st
 
 
 def dataset_requests(
-    kind: str, n: int, settings: dict[str, Any], rng: np.random.Generator, size: str = "full"
+    kind: str, n: int, settings: dict[str, Any], rng: np.random.Generator, split: str, size: str = "full"
 ) -> list[Request]:
     from omniedge.data.build import build_dataset, load_split
     from omniedge.runtime.media import load_audio, load_image
 
     root = build_dataset(size=size, seed=0)  # cached after the first build
+    part = "test" if split == "heldout" else "train"  # held out: the data set's own test split
     out: list[Request] = []
     if kind == "text":
-        for row in _pick(load_split(root, "text", "train"), n, rng, "text"):
+        for row in _pick(load_split(root, "text", part), n, rng, "text"):
             out.append(Request("", row["text"][:TEXT_CHARS]))
     elif kind == "image":
-        for row in _pick(load_split(root, "image", "train"), n, rng, "image"):
+        for row in _pick(load_split(root, "image", part), n, rng, "image"):
             out.append(Request(row["prompt"], row["answer"], image=load_image(root / row["image"])))
     elif kind == "audio":
-        for row in _pick(load_split(root, "speech", "train"), n, rng, "speech"):
+        for row in _pick(load_split(root, "speech", part), n, rng, "speech"):
             wav = load_audio(root / row["audio"], SAMPLE_RATE, max_seconds=30)
             out.append(Request(ASR_PROMPT, row["text"], audio=wav))
     else:
@@ -50,5 +52,5 @@ def dataset_requests(
 register_source("omni-mini-data", dataset_requests)
 register_source(
     "omni-mini-data-small",
-    lambda kind, n, settings, rng: dataset_requests(kind, n, settings, rng, size="small"),
+    lambda kind, n, settings, rng, split: dataset_requests(kind, n, settings, rng, split, size="small"),
 )

@@ -1,83 +1,70 @@
-"""Quality after each stage against the teacher, on held-out text never used for calibration.
+"""Quality after each stage against the teacher, per modality, on held-out requests never calibrated on.
 
-The teacher's next-token log-probabilities are computed once before any stage changes the model;
-each stage is then scored by mean KL(teacher || student), top-1 agreement and student perplexity.
+The held-out requests (text, image + text, audio + text) are carried through the stack as the teacher's
+hidden states and one student stream per stage (omniedge.compress.layerwise); at the end each stream goes
+through the final norm and lm_head. Scored positions are those whose next token is text (the prompt after
+the media, the reply): mean KL(teacher || student) in nats, top-1 agreement, student perplexity.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from omniedge.errors import OmniedgeError
-from omniedge.models.family import thinker_parts
+from omniedge.compress.calibration import TEXT
+from omniedge.compress.layerwise import Sample
 
 
-@dataclass
-class Reference:
-    ids: list[torch.Tensor]  # [1, seq] int64 per text
-    logprobs: list[torch.Tensor]  # [seq, vocab] float16 teacher log-softmax, on CPU
-    teacher_ppl: float
+def _scored(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, the token each predicts): every position whose next token is text."""
+    nxt = sample.modality[1:].cpu() == TEXT
+    pos = torch.nonzero(nxt)[:, 0]
+    return pos, sample.ids[1:].cpu()[pos]
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[torch.Tensor]:
-    out = [torch.tensor([tokenizer.encode(t, add_special_tokens=False).ids[:max_tokens]]) for t in texts]
-    out = [x for x in out if x.shape[1] >= 2]
-    if not out:
-        raise OmniedgeError("no held-out text has 2 or more tokens", "give measure.texts > 0")
-    return out
-
-
-def _logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    thinker = thinker_parts(model).thinker
-    device = next(thinker.parameters()).device
-    with torch.inference_mode():
-        ids = ids.to(device)
-        logits = thinker(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-    # float16 on the CPU: the teacher's distributions for a real vocabulary (152k) must fit in host memory;
-    # teacher and student are rounded alike, so identical models still compare as exactly equal.
-    return torch.log_softmax(logits[0].float(), dim=-1).to(torch.float16).cpu()
-
-
-def _nll(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each next token (positions 0..n-2 predict 1..n-1)."""
-    return -logprobs[:-1].float().gather(-1, ids[0, 1:, None].cpu())[:, 0]
-
-
-def reference(
-    model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int, progress: bool = True
-) -> Reference:
-    """Run the teacher once over the held-out texts."""
-    from tqdm.auto import tqdm
-
-    ids = encode_texts(tokenizer, texts, max_tokens)
-    lps = [_logprobs(model, x) for x in tqdm(ids, desc="teacher", unit="text", disable=not progress)]
-    nll = torch.cat([_nll(lp, x) for lp, x in zip(lps, ids, strict=True)])
-    return Reference(ids, lps, float(math.exp(nll.mean())))
-
-
-def compare(model: Any, ref: Reference, progress: bool = True) -> dict[str, Any]:
-    """{"kl": mean KL(teacher || student) in nats per position, "top1": argmax agreement, "ppl", "tokens"}."""
-    from tqdm.auto import tqdm
-
-    kls, agree, nlls = [], [], []
-    for x, t in tqdm(
-        list(zip(ref.ids, ref.logprobs, strict=True)), desc="measuring", unit="text", disable=not progress
-    ):
-        s = _logprobs(model, x).float()
-        t = t.float()
-        kls.append((t.exp() * (t - s)).sum(-1))
-        agree.append((t.argmax(-1) == s.argmax(-1)).float())
-        nlls.append(_nll(s, x))
-    nll = torch.cat(nlls)
+def _summary(kl: list[torch.Tensor], agree: list[torch.Tensor], nll: list[torch.Tensor]) -> dict[str, Any]:
+    n = torch.cat(nll)
     return {
-        "kl": float(torch.cat(kls).mean()),
+        "kl": float(torch.cat(kl).mean()),
         "top1": float(torch.cat(agree).mean()),
-        "ppl": float(math.exp(nll.mean())),
-        "teacher_ppl": ref.teacher_ppl,
-        "tokens": int(sum(x.shape[1] for x in ref.ids)),
+        "ppl": float(math.exp(n.mean())),
+        "tokens": int(n.numel()),
     }
+
+
+def score_streams(
+    logits: Any, samples: list[Sample], streams: dict[str, list[torch.Tensor]]
+) -> dict[str, dict[str, Any]]:
+    """{stream: {"kl", "top1", "ppl", "tokens", "by_modality": {kind: {...}}}} against the "teacher"
+    stream; `logits(hidden [1, S, H])` -> [S, vocab] float32 is the final norm + lm_head."""
+    students = [k for k in streams if k != "teacher"]
+    acc: dict[str, dict[str, tuple[list[torch.Tensor], ...]]] = {k: {} for k in ("teacher", *students)}
+    for i, s in enumerate(samples):
+        pos, target = _scored(s)
+        if pos.numel() == 0:
+            continue
+        # On the device (a [positions, vocab] float32 per stream); only per-position numbers come back.
+        t = torch.log_softmax(logits(streams["teacher"][i])[pos.to(s.ids.device)], dim=-1)
+        p_t = t.exp()
+        target = target.to(t.device)
+        for k in ("teacher", *students):
+            st = t if k == "teacher" else torch.log_softmax(logits(streams[k][i])[pos.to(t.device)], dim=-1)
+            kl = (p_t * (t - st)).sum(-1) if k != "teacher" else torch.zeros(len(pos), device=t.device)
+            agree = (t.argmax(-1) == st.argmax(-1)).float()
+            nll = -st.gather(-1, target[:, None])[:, 0]
+            for kind in (s.kind, "all"):
+                bucket = acc[k].setdefault(kind, ([], [], []))
+                for j, v in enumerate((kl, agree, nll)):
+                    bucket[j].append(v.cpu())
+            del st
+    out: dict[str, dict[str, Any]] = {}
+    for k, kinds in acc.items():
+        if "all" not in kinds:
+            continue
+        out[k] = {
+            **_summary(*kinds["all"]),
+            "by_modality": {m: _summary(*v) for m, v in kinds.items() if m != "all"},
+        }
+    return out

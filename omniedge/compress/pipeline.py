@@ -1,37 +1,71 @@
-"""The one entry point of the compression stage: checkpoint + recipe -> compressed checkpoint.
+"""The one entry point of the compression stage: source + recipe -> compressed checkpoint, layer by layer.
 
-Loads the teacher, calibrates (cached beside the output, so a re-run after a crash skips it), applies
-the recipe's stages in order, measures quality after each against the teacher, and saves atomically:
-the output directory appears only when complete.
+The source is a checkpoint directory read tensor by tensor (weights.SafetensorsDir) or a seeded random
+source of the real config (`full`). The embeddings and encoders turn the calibration and held-out requests
+into layer 0's inputs; then omniedge.compress.layerwise runs one decoder layer at a time on the device
+(statistics, prune, quantize, write); the final norm and lm_head score the held-out streams per modality.
+The bf16 model is never held whole. Output goes to a temporary directory renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+import contextlib
+import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omniedge.atomic import atomic_write_bytes
-from omniedge.checkpoint import META_FILE, file_sha256, load_checkpoint, read_meta, save_checkpoint
-from omniedge.compress import calibration_data  # noqa: F401  (registers the data-set sources)
-from omniedge.compress.calibration import RouterStats, calibrate, heldout_texts
-from omniedge.compress.measure import Reference, compare, reference
-from omniedge.compress.prune import keep_count, prune
-from omniedge.compress.quantize import INT4_FILE, int4_bytes, quantize_model, write_int4
-from omniedge.compress.recipe import apply_overrides, load_recipe, validate_recipe
+from omniedge.atomic import atomic_dir, atomic_write_json
+from omniedge.checkpoint import META_FILE, content_hashes, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
-from omniedge.models.family import moe_blocks, thinker_parts
-from omniedge.models.registry import resolve_checkpoint
 
-CACHE_DIR = ".omniedge-calibration"
-CACHE_VERSION = 1
+STATS_FILE = "calibration_stats.pt"
+SMALL_FILE = 64 << 20  # input files below this are content-hashed; larger shards are recorded by size
 
 
-def _check_out(src: Path, out: Path) -> None:
-    if out.resolve() == src.resolve():
+class Meter:
+    """Wall time and peak GPU memory per phase, and the process's peak host RSS."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.phases: dict[str, dict[str, float]] = {}
+        self.gpu_peak = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        rec: dict[str, float] = {"seconds": round(time.perf_counter() - t, 3)}
+        if self.cuda:
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            rec["gpu_peak_bytes"] = peak
+            self.gpu_peak = max(self.gpu_peak, peak)
+        self.phases[name] = rec
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "phases": self.phases,
+            "seconds": round(sum(p["seconds"] for p in self.phases.values()), 3),
+            "gpu_peak_bytes": self.gpu_peak if self.cuda else None,
+            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+
+def _check_out(src: Path | None, out: Path) -> None:
+    if src is not None and out.resolve() == src.resolve():
         raise OmniedgeError(f"the output {out} is the input checkpoint", "write to a new directory with -o")
     if out.exists():
         is_ours = out.is_dir() and (out / META_FILE).is_file()
@@ -42,17 +76,18 @@ def _check_out(src: Path, out: Path) -> None:
             )
 
 
-def _hash_dir(src: Path, progress: bool) -> dict[str, str]:
-    """Content hashes of the input: from its omniedge.json when it has them, else computed (big files: slow)."""
+def _hash_dir(src: Path) -> dict[str, str]:
+    """Content hashes of the input: from its omniedge.json when it has them, else computed for files below
+    SMALL_FILE; large shards are recorded by size (hashing 70 GB would take longer than compressing it)."""
     files = read_meta(src).get("files")
     if isinstance(files, dict) and files:
         return dict(files)
-    from tqdm.auto import tqdm
-
-    paths = [f for f in sorted(src.iterdir()) if f.is_file() and f.name != META_FILE]
-    return {
-        f.name: file_sha256(f) for f in tqdm(paths, desc="hashing input", unit="file", disable=not progress)
-    }
+    out = {}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != META_FILE:
+            size = f.stat().st_size
+            out[f.name] = file_sha256(f) if size < SMALL_FILE else f"bytes:{size}"
+    return out
 
 
 def _device(name: str) -> Any:
@@ -71,166 +106,239 @@ def _device(name: str) -> Any:
     return dev
 
 
-def calibration_cache_path(out: Path, hashes: dict[str, str], recipe: dict[str, Any]) -> Path:
-    """Where the router statistics for (input checkpoint, calibration settings, dtype) are cached."""
-    key = json.dumps(
-        {
-            "v": CACHE_VERSION,
-            "checkpoint": hashes,
-            "calibration": recipe["calibration"],
-            "dtype": recipe["dtype"],
-        },
-        sort_keys=True,
-    )
-    return out.parent / CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+def _check_complete(sk: Any, source: Any, where: str) -> None:
+    """Every tensor the thinker needs is in the source: one clear error before any long work."""
+    from omniedge.random_source import on_disk_names
+
+    have = set(source.names())
+    fused = {n.rsplit(".", 1)[0] for n in have if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    missing = [
+        n
+        for n in on_disk_names(sk.model)
+        if n not in have and not (".experts." in n and n.split(".experts.")[0] + ".experts" in fused)
+    ]
+    if missing:
+        raise OmniedgeError(
+            f"{where} lacks {len(missing)} tensor(s) a Qwen3-Omni thinker of its config needs: "
+            + ", ".join(missing[:3])
+            + (" ..." if len(missing) > 3 else ""),
+            "copy every shard of the checkpoint (or check that it is Qwen3-Omni-30B-A3B)",
+        )
 
 
-def _calibrate_cached(
-    net: Any, tok: Any, recipe: dict[str, Any], cache: Path, progress: bool
-) -> tuple[RouterStats, dict[str, Any]]:
+def make_stages(recipe: dict[str, Any], text_config: Any) -> list[Any]:
+    """The recipe's stages as objects, validated against the model (an impossible keep ratio fails here)."""
+    from omniedge.compress.prune import PruneStage
+    from omniedge.compress.quantize import QuantizeStage
+
+    out: list[Any] = []
+    for st in recipe["stages"]:
+        ((name, settings),) = st.items()
+        if name == "prune":
+            out.append(
+                PruneStage(settings, int(text_config.num_experts), int(text_config.num_experts_per_tok))
+            )
+        elif name == "quantize":
+            out.append(QuantizeStage(settings))
+    return out
+
+
+def _encode(sk: Any, tokenizer: Any, requests: list[Any], max_tokens: int) -> list[Any]:
     import torch
 
-    if cache.is_file():
-        try:
-            d = torch.load(cache, weights_only=True)
-            return RouterStats.from_dict(d["stats"]), {**d["description"], "cached": True}
-        except Exception:  # a damaged cache is recomputed, never trusted
-            cache.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    stats, desc = calibrate(net, tok, recipe["calibration"], progress=progress)
-    desc["seconds"] = round(time.perf_counter() - t0, 3)
-    buf = io.BytesIO()
-    torch.save({"stats": stats.to_dict(), "description": desc}, buf)
-    atomic_write_bytes(cache, buf.getvalue())
-    return stats, {**desc, "cached": False}
+    from omniedge.compress.calibration import encode_request
+    from omniedge.compress.layerwise import Sample
+
+    out = []
+    for r in requests:
+        enc = encode_request(r, tokenizer, sk.model, max_tokens)
+        x = sk.first_layer_input(enc.inputs)
+        ids = enc.inputs["input_ids"][0].to(sk.device)
+        out.append(Sample(x, ids, enc.modality.to(device=sk.device, dtype=torch.long), enc.kind))
+    return out
 
 
-def _check_config(net: Any, expect_experts: int) -> None:
-    """The config must survive a to_dict/from_dict round trip (what from_pretrained does) with our edits."""
-    cfg = type(net.config).from_dict(net.config.to_dict())
-    got = cfg.thinker_config.text_config.num_experts
-    if got != expect_experts:
-        raise RuntimeError(f"config round trip gives num_experts {got}, expected {expect_experts}")
-    if hasattr(net.config, "omniedge_quantization") and not hasattr(cfg, "omniedge_quantization"):
-        raise RuntimeError("config round trip lost omniedge_quantization")
+def _describe(settings: dict[str, Any], samples: list[Any], kind: str) -> dict[str, Any]:
+    from omniedge.compress.calibration import MODALITIES
 
-
-def _settings(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
-    return next(s[stage] for s in recipe["stages"] if stage in s)
-
-
-def _run_stage(
-    name: str,
-    settings: dict[str, Any],
-    net: Any,
-    stats: RouterStats | None,
-    progress: bool,
-    int4_out: dict[str, Any],
-) -> dict[str, Any]:
-    if name == "prune":
-        assert stats is not None
-        return prune(net, stats, settings)
-    if name == "quantize":
-        q = quantize_model(net, settings, progress=progress)
-        int4_out.update(tensors=q["tensors"], group_size=int(settings["group_size"]))
-        return {"modules": len(q["modules"]), "int4_bytes": int4_bytes(q["tensors"])}
-    raise OmniedgeError(f"unknown stage {name!r}", "use prune or quantize")  # validate_recipe prevents this
+    kinds: dict[str, int] = {}
+    tokens = dict.fromkeys(MODALITIES, 0)
+    for s in samples:
+        kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        for i, m in enumerate(MODALITIES):
+            tokens[m] += int((s.modality == i).sum())
+    return {
+        "split": kind,
+        "source": settings["source"],
+        "seed": settings["seed"],
+        "requests": len(samples),
+        "requests_by_kind": kinds,
+        "tokens": tokens,
+    }
 
 
 def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: bool = True) -> Path:
-    """Compress checkpoint `model` (a directory or `tiny`) into `out` as `recipe` says; returns `out`."""
+    """Compress `model` (a checkpoint directory, `tiny`, `omni-mini`, or the random `full` / `full-ci`) into
+    `out` as `recipe` says; returns `out`."""
     import torch
 
+    from omniedge.compress.calibration import build_requests, modality_counts
+    from omniedge.compress.layerwise import LayerByLayer
+    from omniedge.compress.measure import score_streams
+    from omniedge.compress.output import (
+        DROPPED,
+        CheckpointWriter,
+        check_disk,
+        expected_bytes,
+        output_config,
+        teacher_bf16_bytes,
+        write_side_files,
+    )
+    from omniedge.compress.quantize import QuantizeStage
+    from omniedge.compress.recipe import validate_recipe
+    from omniedge.compress.skeleton import ThinkerSkeleton
+    from omniedge.models.registry import open_source
+
     recipe = validate_recipe(recipe)
-    src = resolve_checkpoint(model)
-    out = Path(out)
-    _check_out(src, out)
-    hashes = _hash_dir(src, progress)
-    net, tok = load_checkpoint(src, dtype=getattr(torch, recipe["dtype"]))
-    net.to(_device(recipe["device"]))
-    if not moe_blocks(net):
-        raise OmniedgeError(f"{src} has no thinker MoE layers", "pass a Qwen3-Omni MoE checkpoint")
-
-    names = [next(iter(s)) for s in recipe["stages"]]
-    stats, calib = None, None
-    if "prune" in names:  # refuse an impossible keep_ratio before the long calibration
-        tcfg = thinker_parts(net).text_model.config
-        keep_count(
-            int(tcfg.num_experts), int(tcfg.num_experts_per_tok), _settings(recipe, "prune")["keep_ratio"]
-        )
-        cache = calibration_cache_path(out, hashes, recipe)
-        stats, calib = _calibrate_cached(net, tok, recipe, cache, progress)
-        calib = {**calib, "cache": str(cache)}
-    m = recipe["measure"]
-    ref: Reference = reference(net, tok, heldout_texts(m["texts"]), m["max_tokens"], progress)
-
-    records: list[dict[str, Any]] = []
-    int4_out: dict[str, Any] = {}
-    for st in recipe["stages"]:
-        ((name, settings),) = st.items()
-        t0 = time.perf_counter()
-        result = _run_stage(name, settings, net, stats, progress, int4_out)
-        seconds = time.perf_counter() - t0
-        rec = {"name": name, "settings": settings, "seconds": round(seconds, 3)}
-        if name == "prune" and calib is not None:  # the full description is at the top level
-            rec["calibration"] = {k: calib[k] for k in ("source", "seed", "requests", "tokens", "cached")}
-        rec.update(measured=compare(net, ref, progress), result=result)
-        records.append(rec)
-
-    _check_config(net, int(thinker_parts(net).text_model.config.num_experts))
-    meta = {
-        "model": read_meta(src).get("model") or src.name,
-        "source": {"path": str(src.resolve()), "files": hashes},
-        "recipe": recipe,
-        "calibration": calib,
-        "teacher": {
-            "ppl": ref.teacher_ppl,
-            "heldout_texts": len(ref.ids),
-            "tokens": sum(x.shape[1] for x in ref.ids),
-        },
-        "stages": records,
-    }
-    extra = {}
-    if int4_out:
-        extra[INT4_FILE] = lambda d: write_int4(int4_out["tensors"], d, int4_out["group_size"])
-    net.to("cpu")
-    save_checkpoint(net, tok, out, meta, extra_files=extra)
+    device = _device(recipe["device"])
+    dtype = getattr(torch, recipe["dtype"])
+    meter = Meter(device)
+    with meter.phase("open"):
+        src = open_source(model)
+        out = Path(out)
+        _check_out(src.path, out)
+        if "omniedge_quantization" in src.config:
+            raise OmniedgeError(
+                f"{model} is already an omniedge INT4 checkpoint", "compress the float checkpoint"
+            )
+        sk = ThinkerSkeleton(src.config, src.tensors, device, dtype)
+        _check_complete(sk, src.tensors, str(src.path or model))
+        stages = make_stages(recipe, sk.text_config)
+        need = expected_bytes(sk, stages, dtype)
+        teacher_bytes = teacher_bf16_bytes(sk)
+        check_disk(out, need)
+        source_desc = {**src.description, "files": _hash_dir(src.path)} if src.path else src.description
+    cal, mea = recipe["calibration"], recipe["measure"]
+    with meter.phase("requests"):
+        cal_req = build_requests(cal, modality_counts(cal["samples"], cal["mix"]), "calibration")
+        held_counts = {"text": mea["texts"], "image": mea["images"], "audio": mea["audios"]}
+        held_req = build_requests(cal, held_counts, "heldout")
+    quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
+    group = int(quant.settings["group_size"]) if quant else None
+    with atomic_dir(out) as tmp:
+        writer = CheckpointWriter(tmp, dtype, int(recipe["output"]["shard_mb"]) << 20, group)
+        with meter.phase("encode"):
+            sk.load_front()
+            calib = _encode(sk, src.tokenizer, cal_req, cal["max_tokens"])
+            heldout = _encode(sk, src.tokenizer, held_req, mea["max_tokens"])
+            for m in (sk.parts.text_model.embed_tokens, sk.parts.audio_tower, sk.parts.visual):
+                writer.add_module(sk, m)
+            sk.unload_front()
+        engine = LayerByLayer(sk, stages, lambda layer, li, packed: writer.add_layer(sk, layer, packed))
+        with meter.phase("layers"):
+            streams = engine.run(calib, heldout, progress)
+        with meter.phase("score"):
+            sk.load_head()
+            writer.add_module(sk, sk.parts.text_model.norm)
+            writer.add_module(sk, sk.parts.lm_head)
+            measured = score_streams(sk.logits, heldout, streams.heldout)
+        with meter.phase("finish"):
+            files = writer.close()
+            config = output_config(src.config, stages, files.get("int4"), dtype)
+            write_side_files(tmp, src.path, src.tokenizer, config)
+            torch.save({"layers": [s.to_dict() for s in engine.stats]}, tmp / STATS_FILE)
+            records = []
+            for st in stages:
+                records.append(
+                    {
+                        "name": st.name,
+                        "settings": st.settings,
+                        "seconds": round(engine.seconds[st.name], 3),
+                        "measured": measured.get(st.name),
+                        "result": st.result(),
+                    }
+                )
+            meta = {
+                "schema": 2,
+                "model": read_meta(src.path).get("model") if src.path else src.name,
+                "source": source_desc,
+                "recipe": recipe,
+                "output": {
+                    "text_only": True,
+                    "dropped": list(DROPPED),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "files": files,
+                    "bytes": writer.bytes_by_part(),
+                    "expected_bytes": need,
+                    "teacher_bf16_bytes": teacher_bytes,
+                },
+                "calibration": _describe(cal, calib, "calibration"),
+                "heldout": _describe(cal, heldout, "heldout"),
+                "teacher": measured.get("teacher"),
+                "stages": records,
+                "layers": {
+                    "seconds": {k: round(v, 3) for k, v in engine.seconds.items()},
+                    "per_layer_seconds": [round(x, 3) for x in engine.layer_seconds],
+                },
+            }
+        meta["model"] = meta["model"] or src.name
+        meta["run"] = {
+            **meter.summary(),
+            "device": str(device),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        }
+        meta["files"] = content_hashes(tmp)
+        atomic_write_json(tmp / META_FILE, meta)
     if progress:
         print_summary(meta, out)
     return out
 
 
 def print_summary(meta: dict[str, Any], out: Path) -> None:
-    """A short rich table: one row for the teacher, one per stage."""
+    """A short rich table: the teacher, then one row per stage; KL vs the teacher per modality."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"omniedge compress -> {out}")
-    for col in ("stage", "seconds", "experts", "int4 MB", "KL vs teacher", "top-1", "ppl"):
+    for col in ("stage", "experts", "INT4 MiB", "KL text / image / audio", "top-1", "ppl"):
         t.add_column(col, justify="left" if col == "stage" else "right")
-    t.add_row("teacher", "", "", "", "0", "1.000", f"{meta['teacher']['ppl']:.3f}")
+    teacher = meta.get("teacher") or {}
+    t.add_row("teacher", "", "", "0", "1.000", f"{teacher.get('ppl', float('nan')):.2f}")
     for r in meta["stages"]:
-        res, mes = r["result"], r["measured"]
+        res, mes = r["result"], r["measured"] or {}
+        by = mes.get("by_modality", {})
         t.add_row(
             r["name"],
-            f"{r['seconds']:.1f}",
             f"{res['experts_before']} -> {res['experts_after']}" if "experts_after" in res else "",
-            f"{res['int4_bytes'] / 2**20:.2f}" if "int4_bytes" in res else "",
-            f"{mes['kl']:.4g}",
-            f"{mes['top1']:.3f}",
-            f"{mes['ppl']:.3f}",
+            f"{res['int4_bytes'] / 2**20:.1f}" if "int4_bytes" in res else "",
+            " / ".join(f"{by[m]['kl']:.3g}" if m in by else "-" for m in ("text", "image", "audio")),
+            f"{mes.get('top1', float('nan')):.3f}",
+            f"{mes.get('ppl', float('nan')):.2f}",
         )
     console = Console()
     console.print(t)
-    calib = meta.get("calibration")
-    if calib:
-        how = "cached" if calib.get("cached") else f"{calib.get('seconds', 0):.1f} s"
-        console.print(f"calibration: {calib['requests']} requests, tokens {calib['tokens']} ({how})")
+    run = meta["run"]
+    gpu = run["gpu_peak_bytes"]
+    console.print(
+        f"{run['seconds']:.1f} s, peak host RSS {run['host_peak_rss_bytes'] / 2**30:.2f} GiB"
+        + (f", peak GPU {gpu / 2**30:.2f} GiB" if gpu is not None else "")
+        + f"; calibration {meta['calibration']['requests']} requests, tokens {meta['calibration']['tokens']}"
+    )
 
 
 def compress_cli(
-    model: str, out: Path, recipe_path: Path | None, keep_ratio: float | None, quantize: bool
+    model: str,
+    out: Path,
+    recipe_path: Path | None,
+    keep_ratio: float | None,
+    quantize: bool,
+    samples: int | None = None,
 ) -> Path:
     """`omniedge compress`: the recipe file (default recipes/default.yaml) with the CLI's overrides."""
-    recipe = apply_overrides(load_recipe(recipe_path), keep_ratio=keep_ratio, quantize=quantize)
+    from omniedge.compress.recipe import apply_overrides, load_recipe
+
+    recipe = apply_overrides(
+        load_recipe(recipe_path), keep_ratio=keep_ratio, quantize=quantize, samples=samples
+    )
     return compress(model, Path(out), recipe)

@@ -38,6 +38,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 CALIBRATION_DEFAULTS: dict[str, Any] = {
     "source": "builtin",
+    "path": None,  # the calibration pack directory (source: pack); relative to the recipe file
     "samples": 32,
     "max_tokens": 256,
     "seed": 0,
@@ -45,7 +46,11 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {
     "image_size": 128,
     "audio_seconds": 3.0,
 }
-MEASURE_DEFAULTS: dict[str, Any] = {"texts": 8, "max_tokens": 128}
+# Held-out requests (never calibrated on) per modality, scored after every stage.
+MEASURE_DEFAULTS: dict[str, Any] = {"texts": 8, "images": 4, "audios": 4, "max_tokens": 128}
+# text_only: talker and code2wav are dropped (recorded in config.json and omniedge.json); shard_mb: the
+# largest safetensors file written.
+OUTPUT_DEFAULTS: dict[str, Any] = {"text_only": True, "shard_mb": 2048}
 TOP_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto"}
 
 PRUNE_WEIGHTINGS = ("modality", "token")
@@ -101,7 +106,9 @@ def _prune(s: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _quantize(s: dict[str, Any], where: str) -> dict[str, Any]:
     out = {**STAGE_DEFAULTS["quantize"], **_check_keys(s, STAGE_DEFAULTS["quantize"], where)}
-    out["method"] = _choice(out["method"], f"{where}.method", ("rtn",))
+    from omniedge.compress.quantize import QUANTIZERS
+
+    out["method"] = _choice(out["method"], f"{where}.method", tuple(QUANTIZERS))
     if type(out["bits"]) is not int or out["bits"] != 4:
         raise _fail(f"{where}.bits", f"{out['bits']!r} bits is not supported", "use bits: 4")
     g = out["group_size"]
@@ -123,6 +130,10 @@ def _calibration(c: Any) -> dict[str, Any]:
     out = {**CALIBRATION_DEFAULTS, **_check_keys(c or {}, CALIBRATION_DEFAULTS, where)}
     if not isinstance(out["source"], str) or not out["source"]:
         raise _fail(f"{where}.source", f"{out['source']!r} is not a source name", "use `builtin`")
+    if out["path"] is not None and (not isinstance(out["path"], str) or not out["path"]):
+        raise _fail(f"{where}.path", f"{out['path']!r} is not a path", "give the calibration pack directory")
+    if out["source"] == "pack" and out["path"] is None:
+        raise _fail(f"{where}.path", "source `pack` needs the pack's directory", "add path: <dir>")
     out["samples"] = _int(out["samples"], f"{where}.samples")
     out["max_tokens"] = _int(out["max_tokens"], f"{where}.max_tokens", lo=8)
     out["seed"] = _int(out["seed"], f"{where}.seed", lo=0)
@@ -141,8 +152,23 @@ def _calibration(c: Any) -> dict[str, Any]:
 
 def _measure(m: Any) -> dict[str, Any]:
     out = {**MEASURE_DEFAULTS, **_check_keys(m or {}, MEASURE_DEFAULTS, "measure")}
-    out["texts"] = _int(out["texts"], "measure.texts")
+    for k in ("texts", "images", "audios"):
+        out[k] = _int(out[k], f"measure.{k}", lo=0)
+    if out["texts"] + out["images"] + out["audios"] == 0:
+        raise _fail("measure", "no held-out requests", "give measure.texts (images, audios) > 0")
     out["max_tokens"] = _int(out["max_tokens"], "measure.max_tokens", lo=2)
+    return out
+
+
+def _output(o: Any) -> dict[str, Any]:
+    out = {**OUTPUT_DEFAULTS, **_check_keys(o or {}, OUTPUT_DEFAULTS, "output")}
+    if out["text_only"] is not True:
+        raise _fail(
+            "output.text_only",
+            "carrying the talker and code2wav (speech output) through compression is not supported yet",
+            "set output.text_only: true (they are dropped and the checkpoint says so)",
+        )
+    out["shard_mb"] = _int(out["shard_mb"], "output.shard_mb")
     return out
 
 
@@ -151,7 +177,7 @@ STAGES = {"prune": _prune, "quantize": _quantize}
 
 def validate_recipe(raw: Any) -> dict[str, Any]:
     """The recipe with every field checked and every default filled in; OmniedgeError on the first mistake."""
-    top = _check_keys(raw, ("stages", "calibration", "measure", *TOP_DEFAULTS), "top level")
+    top = _check_keys(raw, ("stages", "calibration", "measure", "output", *TOP_DEFAULTS), "top level")
     stages_in = top.get("stages", [])
     if not isinstance(stages_in, list):
         raise _fail("stages", f"expected a list, got {stages_in!r}", "write `stages: [- prune: {...}, ...]`")
@@ -178,6 +204,7 @@ def validate_recipe(raw: Any) -> dict[str, Any]:
         "stages": stages,
         "calibration": _calibration(top.get("calibration")),
         "measure": _measure(top.get("measure")),
+        "output": _output(top.get("output")),
     }
     out["dtype"] = _choice(top.get("dtype", TOP_DEFAULTS["dtype"]), "dtype", DTYPES)
     out["device"] = top.get("device", TOP_DEFAULTS["device"])
@@ -216,15 +243,25 @@ def default_recipe() -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path | None) -> dict[str, Any]:
-    """The validated recipe from a file, or the default recipe when `path` is None."""
-    return default_recipe() if path is None else validate_recipe(read_recipe_file(path))
+    """The validated recipe from a file, or the default recipe when `path` is None. A relative
+    calibration.path is taken relative to the recipe file's directory."""
+    if path is None:
+        return default_recipe()
+    raw = read_recipe_file(path)
+    cal = raw.get("calibration") if isinstance(raw, dict) else None
+    if isinstance(cal, dict) and isinstance(cal.get("path"), str) and cal["path"]:
+        cal["path"] = str((Path(path).resolve().parent / cal["path"]).resolve())
+    return validate_recipe(raw)
 
 
 def apply_overrides(
-    recipe: dict[str, Any], keep_ratio: float | None = None, quantize: bool = True
+    recipe: dict[str, Any], keep_ratio: float | None = None, quantize: bool = True, samples: int | None = None
 ) -> dict[str, Any]:
-    """CLI overrides: --keep-ratio sets (or adds) the prune stage, --no-quantize drops the quantize stage."""
+    """CLI overrides: --keep-ratio sets (or adds) the prune stage, --no-quantize drops the quantize stage,
+    --samples sets calibration.samples."""
     out = copy.deepcopy(recipe)
+    if samples is not None:
+        out["calibration"]["samples"] = samples
     stages = out.get("stages", [])
     if keep_ratio is not None:
         prune = [s for s in stages if "prune" in s]
