@@ -8,10 +8,6 @@ or audio tokens use.
 
 from __future__ import annotations
 
-import io
-import shutil
-import subprocess
-import wave
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,37 +210,18 @@ def synth_tone(seconds: float, rng: np.random.Generator) -> tuple[np.ndarray, st
 
 
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    from omniedge.data import espeak
+
+    return espeak.available()
 
 
 def synth_speech(text: str, voice: str = "en") -> np.ndarray | None:
-    """English speech for `text` at 16 kHz via the espeak-ng binary; None when it is missing or fails."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        return None
-    try:
-        wav = subprocess.run(
-            [exe, "-v", voice, "--stdout", text], capture_output=True, check=True, timeout=30
-        )
-    except (subprocess.SubprocessError, OSError):
-        return None
-    with wave.open(io.BytesIO(wav.stdout)) as w:
-        rate, width = w.getframerate(), w.getsampwidth()
-        raw = w.readframes(w.getnframes())
-    if width != 2:
-        return None
-    x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    return resample(x, rate, SAMPLE_RATE)
+    """English speech for `text`, float32 16 kHz mono (espeak-ng in process); None when it is not installed."""
+    from omniedge.data import speech
 
-
-def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
-    """Band-limited resampling by truncating or zero-padding the spectrum (enough for calibration audio)."""
-    if src == dst or len(x) == 0:
-        return x.astype(np.float32)
-    n_out = round(len(x) * dst / src)
-    spec = np.fft.rfft(x)
-    spec = spec[: n_out // 2 + 1] if n_out < len(x) else np.pad(spec, (0, n_out // 2 + 1 - len(spec)))
-    return (np.fft.irfft(spec, n_out) * (n_out / len(x))).astype(np.float32)
+    if not espeak_available():
+        return None
+    return speech.speak_16k(text, voice).astype(np.float32)
 
 
 def _continuation(text: str, rng: np.random.Generator) -> tuple[str, str]:
