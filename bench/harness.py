@@ -18,7 +18,7 @@ import numpy as np
 
 from omniedge import __version__
 from omniedge.bench.inputs import bench_audio, bench_image
-from omniedge.bench.report import write_reports
+from omniedge.bench.report import check_report_paths, write_reports
 from omniedge.bench.system import PowerSampler, machine, peak_rss_bytes
 from omniedge.errors import OmniedgeError
 
@@ -150,6 +150,8 @@ def bench_cli(
 ) -> dict[str, Any]:
     from omniedge.runtime.manifest import load_manifest
 
+    if json_path is not None:
+        check_report_paths(json_path)
     if bundle is None:
         from omniedge.defaults import default_bundle
 

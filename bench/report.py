@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from omniedge.atomic import atomic_write_bytes, atomic_write_json
+from omniedge.outputs import BENCH_JSON, BENCH_MARKDOWN, check_replaceable_file
 
 
 def _f(v: Any, fmt: str = "{:.2f}") -> str:
@@ -44,8 +45,15 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_report_paths(json_path: Path) -> None:
+    """Refuse, before any measuring, to overwrite files that are not earlier bench reports."""
+    check_replaceable_file(json_path, BENCH_JSON)
+    check_replaceable_file(Path(json_path).with_suffix(".md"), BENCH_MARKDOWN)
+
+
 def write_reports(report: dict[str, Any], json_path: Path) -> str:
     json_path = Path(json_path)
+    check_report_paths(json_path)
     atomic_write_json(json_path, report)
     md = markdown(report)
     atomic_write_bytes(json_path.with_suffix(".md"), md.encode())

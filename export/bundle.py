@@ -16,6 +16,7 @@ from typing import Any
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.checkpoint import check_checkpoint_dir, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import BUNDLE, check_replaceable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -144,6 +145,7 @@ def export_bundle(checkpoint: Path, out: Path, image_size: int | None = None) ->
     out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise OmniedgeError("the bundle directory is the checkpoint directory", "pass another -o/--out")
+    check_replaceable(out, BUNDLE)  # before the model loads: refuse a folder that is not a bundle
     model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
     parts = thinker_parts(model)
     if parts.visual is None or parts.audio_tower is None:
@@ -161,7 +163,7 @@ def export_bundle(checkpoint: Path, out: Path, image_size: int | None = None) ->
     special, eos = _special_tokens(tokenizer)
     meta = read_meta(checkpoint)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, BUNDLE) as tmp:
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         embed = _write_embeddings(parts, tmp)
         jobs = {

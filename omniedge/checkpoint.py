@@ -12,6 +12,7 @@ from typing import Any
 
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import CHECKPOINT
 
 META_FILE = "omniedge.json"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
@@ -83,7 +84,7 @@ def save_checkpoint(
     from omniedge.models.tokenizer import save_tokenizer
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, CHECKPOINT) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
         for _name, writer in (extra_files or {}).items():

@@ -186,7 +186,7 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
         build_dataset(tmp_path / "y", size="huge")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(OmniedgeError, match="not an omni-mini dataset"):
+    with pytest.raises(OmniedgeError, match="is not a previous omni-mini dataset"):
         build_dataset(tmp_path / "mine", size="small")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(OmniedgeError):

@@ -163,10 +163,10 @@ def checkpoint() -> Path:
     from omniedge.compress.pipeline import compress
     from omniedge.compress.recipe import default_recipe
     from omniedge.models.registry import resolve_checkpoint
-    from omniedge.paths import home
+    from omniedge.paths import home, toolchain_versions
 
     src = resolve_checkpoint("tiny")
-    h = hashlib.sha256(src.name.encode())
+    h = hashlib.sha256(src.name.encode() + repr(sorted(toolchain_versions().items())).encode())
     for f in sorted(Path(omniedge.compress.__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
     out = home() / "test-checkpoints" / f"tiny-int4-{h.hexdigest()[:12]}"
@@ -184,12 +184,13 @@ def test_the_e2e_model_is_pruned_and_int4(checkpoint: Path) -> None:
 
 
 def _export_key(checkpoint: Path) -> str:
-    """Exporter sources + checkpoint identity: a cached bundle is reused only if neither changed."""
+    """Exporter sources + checkpoint identity + toolchain versions: a cached bundle is reused only if none changed."""
     import hashlib
 
     import omniedge.export
+    from omniedge.paths import toolchain_versions
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(repr(sorted(toolchain_versions().items())).encode())
     for f in sorted(Path(omniedge.export.__file__).parent.glob("*.py")):
         h.update(f.name.encode() + f.read_bytes())
     h.update((checkpoint / "omniedge.json").read_bytes())

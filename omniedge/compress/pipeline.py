@@ -1,6 +1,6 @@
 """The one entry point of the compression stage: checkpoint + recipe -> compressed checkpoint.
 
-Loads the teacher, calibrates (cached beside the output, so a re-run after a crash skips it), applies
+Loads the teacher, calibrates (cached under $OMNIEDGE_HOME, so a re-run after a crash skips it), applies
 the recipe's stages in order, measures quality after each against the teacher, and saves atomically:
 the output directory appears only when complete.
 """
@@ -25,21 +25,16 @@ from omniedge.compress.recipe import apply_overrides, load_recipe, validate_reci
 from omniedge.errors import OmniedgeError
 from omniedge.models.family import moe_blocks, thinker_parts
 from omniedge.models.registry import resolve_checkpoint
+from omniedge.outputs import CHECKPOINT, check_replaceable
 
-CACHE_DIR = ".omniedge-calibration"
+CACHE_DIR = "calibration"  # under $OMNIEDGE_HOME, never beside the user's output
 CACHE_VERSION = 1
 
 
 def _check_out(src: Path, out: Path) -> None:
     if out.resolve() == src.resolve():
         raise OmniedgeError(f"the output {out} is the input checkpoint", "write to a new directory with -o")
-    if out.exists():
-        is_ours = out.is_dir() and (out / META_FILE).is_file()
-        if not is_ours and not (out.is_dir() and not any(out.iterdir())):
-            raise OmniedgeError(
-                f"{out} exists and is not an omniedge checkpoint; refusing to replace it",
-                "choose another output path or delete it",
-            )
+    check_replaceable(out, CHECKPOINT)
 
 
 def _hash_dir(src: Path, progress: bool) -> dict[str, str]:
@@ -71,7 +66,7 @@ def _device(name: str) -> Any:
     return dev
 
 
-def calibration_cache_path(out: Path, hashes: dict[str, str], recipe: dict[str, Any]) -> Path:
+def calibration_cache_path(hashes: dict[str, str], recipe: dict[str, Any]) -> Path:
     """Where the router statistics for (input checkpoint, calibration settings, dtype) are cached."""
     key = json.dumps(
         {
@@ -82,7 +77,9 @@ def calibration_cache_path(out: Path, hashes: dict[str, str], recipe: dict[str, 
         },
         sort_keys=True,
     )
-    return out.parent / CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+    from omniedge.paths import home
+
+    return home() / CACHE_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
 def _calibrate_cached(
@@ -158,7 +155,7 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         keep_count(
             int(tcfg.num_experts), int(tcfg.num_experts_per_tok), _settings(recipe, "prune")["keep_ratio"]
         )
-        cache = calibration_cache_path(out, hashes, recipe)
+        cache = calibration_cache_path(hashes, recipe)
         stats, calib = _calibrate_cached(net, tok, recipe, cache, progress)
         calib = {**calib, "cache": str(cache)}
     m = recipe["measure"]

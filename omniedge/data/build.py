@@ -37,6 +37,7 @@ from omniedge.data.text_corpus import (
     vocabulary,
 )
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import DATASET, check_replaceable
 from omniedge.paths import home
 
 BUILDER_VERSION = 3  # 3: espeak-ng 1.52 in process (espeakng-loader) + scipy resampling, no apt/sox
@@ -103,15 +104,12 @@ def build_dataset(out: Path | None = None, size: str = "full", seed: int = 0) ->
         old = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         old = {}
-    if old.get("settings_hash") == h:
+    if isinstance(old, dict) and old.get("settings_hash") == h:
         return out
-    if out.exists() and any(out.iterdir()) and old.get("name") != "omni-mini-data":
-        raise OmniedgeError(
-            f"{out} exists and is not an omni-mini dataset", "pass an empty or new directory as out"
-        )
+    check_replaceable(out, DATASET)
     speech.require_tools()
     started = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, DATASET) as tmp:
         _Builder(tmp, SIZES[size], seed).run(started, h)
     return out
 

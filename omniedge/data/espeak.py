@@ -30,7 +30,9 @@ _CHARS_UTF8 = 1
 _RATE, _PITCH = 1, 3  # espeak_PARAMETER
 _EE_OK = 0
 # int callback(short *wav, int numsamples, espeak_EVENT *events): return 0 to go on
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 class _VoiceSpec(ctypes.Structure):  # espeak_VOICE
@@ -149,7 +151,9 @@ def _set_voice(lib: ctypes.CDLL, voice: str) -> None:
             raise OmniedgeError(f"espeak-ng cannot load voice {voice!r}", INSTALL_FIX)
 
 
-def _speak_fresh(text: str, voice: str, words_per_minute: int | None, pitch: int | None) -> tuple[np.ndarray, int]:
+def _speak_fresh(
+    text: str, voice: str, words_per_minute: int | None, pitch: int | None
+) -> tuple[np.ndarray, int]:
     loader = _loader()
     chunks: list[np.ndarray] = []
 

