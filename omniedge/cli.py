@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = cmd(
         "eval",
-        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
+        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95%% CIs).",
     )
     v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
     v.add_argument("--suite", default="omni-mini", help="evaluation suite (default: omni-mini)")
