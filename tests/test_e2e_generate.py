@@ -394,6 +394,30 @@ def test_empty_wav(omni, tmp_path: Path) -> None:
         omni.chat(PROMPT, audio=f)
 
 
+def test_truncated_wav_is_answered_with_a_warning(
+    bundle: Path, omni, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A WAV whose header promises 2 s but holds 0.67 s: used, and said so in the result and on the CLI."""
+    from omniedge.runtime.cli_run import run_cli
+
+    t = np.arange(32000) / 16000
+    f = tmp_path / "cut.wav"
+    with wave.open(str(f), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2").tobytes())
+    f.write_bytes(f.read_bytes()[: 44 + 2 * 10720])
+    res = omni.chat(PROMPT, audio=f, max_new_tokens=3)
+    assert len(res.warnings) == 1 and "truncated" in res.warnings[0] and "0.67 s" in res.warnings[0]
+    assert omni.chat(PROMPT, audio=_audio(), max_new_tokens=3).warnings == []
+    with pytest.warns(UserWarning, match="truncated"):
+        "".join(omni.stream(PROMPT, audio=f, max_new_tokens=3))
+    capsys.readouterr()
+    run_cli(str(bundle), PROMPT, audio=f, max_new_tokens=3)
+    assert "warning: audio file" in capsys.readouterr().err
+
+
 def test_prompt_past_the_context(bundle: Path) -> None:
     from omniedge.runtime.app import Omni
 

@@ -39,7 +39,9 @@ def _work_folder(tmp_path: Path) -> Path:
 
 
 def _untouched(d: Path) -> bool:
-    return (d / "notes.txt").read_text() == "a week of notes" and (d / "sub" / "data.csv").read_text() == "1,2,3"
+    return (d / "notes.txt").read_text() == "a week of notes" and (
+        d / "sub" / "data.csv"
+    ).read_text() == "1,2,3"
 
 
 def test_export_refuses_a_folder_of_other_files(tmp_path: Path) -> None:
