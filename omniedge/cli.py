@@ -89,8 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--json", type=Path, help="where to write the JSON report (default: print path in cache)")
     n.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
 
-    i = cmd("info", "Describe a checkpoint or an engine bundle.")
+    i = cmd("info", "Describe a checkpoint or an engine bundle and check it for damage (as `run` would).")
     i.add_argument("path", type=Path)
+    i.add_argument(
+        "--no-checksums", action="store_true", help="skip hashing the bundle's files (fast on a 30B bundle)"
+    )
 
     v = cmd(
         "eval",
@@ -153,7 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "info":
         from omniedge.info import info_cli
 
-        info_cli(args.path)
+        info_cli(args.path, checksums=not args.no_checksums)
     return 0
 
 

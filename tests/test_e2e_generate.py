@@ -153,60 +153,12 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p() -> None:
 # ---------------------------------------------------------------- the tiny model, exported
 
 
-@pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    """The tiny model after the default recipe (prune half the experts + INT4), cached per compressor version."""
-    pytest.importorskip("torch")
-    import hashlib
-
-    import omniedge.compress
-    from omniedge.compress.pipeline import compress
-    from omniedge.compress.recipe import default_recipe
-    from omniedge.models.registry import resolve_checkpoint
-    from omniedge.paths import home, toolchain_versions
-
-    src = resolve_checkpoint("tiny")
-    h = hashlib.sha256(src.name.encode() + repr(sorted(toolchain_versions().items())).encode())
-    for f in sorted(Path(omniedge.compress.__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
-    out = home() / "test-checkpoints" / f"tiny-int4-{h.hexdigest()[:12]}"
-    if not (out / "omniedge.json").is_file():
-        compress(src, out, default_recipe(), progress=False)
-    return out
-
-
 def test_the_e2e_model_is_pruned_and_int4(checkpoint: Path) -> None:
     import json
 
     cfg = json.loads((checkpoint / "config.json").read_text())
     assert cfg["thinker_config"]["text_config"]["num_experts"] == 4  # 8 -> 4
     assert cfg["omniedge_quantization"]["bits"] == 4 and (checkpoint / "int4.safetensors").is_file()
-
-
-def _export_key(checkpoint: Path) -> str:
-    """Exporter sources + checkpoint identity + toolchain versions: a cached bundle is reused only if none changed."""
-    import hashlib
-
-    import omniedge.export
-    from omniedge.paths import toolchain_versions
-
-    h = hashlib.sha256(repr(sorted(toolchain_versions().items())).encode())
-    for f in sorted(Path(omniedge.export.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    h.update((checkpoint / "omniedge.json").read_bytes())
-    return h.hexdigest()[:16]
-
-
-@pytest.fixture(scope="module")
-def bundle(checkpoint: Path) -> Path:
-    """The tiny checkpoint exported once per exporter version (about a minute), cached under OMNIEDGE_HOME."""
-    exporter = pytest.importorskip("omniedge.export.bundle", reason="export/bundle.py is not there yet")
-    from omniedge.paths import home
-
-    out = home() / "test-bundles" / f"tiny-{_export_key(checkpoint)}"
-    if not (out / "manifest.json").is_file():
-        exporter.export_bundle(checkpoint, out)  # atomic: a crash leaves no half bundle
-    return out
 
 
 @pytest.fixture(scope="module")
