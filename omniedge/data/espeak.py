@@ -69,8 +69,9 @@ def data_path() -> Path:
     return Path(_loader().get_data_path())
 
 
+@cache
 def available() -> bool:
-    """True when the wheel is installed and its library speaks."""
+    """True when the wheel is installed and its library speaks (asked once per process)."""
     try:
         speak("ok")
     except OmniedgeError:
