@@ -18,7 +18,8 @@ import numpy as np
 
 from omniedge import __version__
 from omniedge.bench.inputs import bench_audio, bench_image
-from omniedge.bench.report import write_reports
+from omniedge.bench.report import check_report_paths, write_reports
+from omniedge.bench.stats import summarize_ms
 from omniedge.bench.system import PowerSampler, machine, peak_rss_bytes
 from omniedge.errors import OmniedgeError
 
@@ -27,17 +28,7 @@ MM_PROMPT = "What do you see in the picture and what did the person say?"
 AUDIO_SECONDS = 5.0
 
 
-def _ms(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64) * 1e3
-    if a.size == 0:
-        return {"n": 0}
-    return {
-        "n": int(a.size),
-        "mean": float(a.mean()),
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-    }
+_ms = summarize_ms  # percentiles only with enough samples (bench/stats.py)
 
 
 def run_bench(
@@ -150,6 +141,8 @@ def bench_cli(
 ) -> dict[str, Any]:
     from omniedge.runtime.manifest import load_manifest
 
+    if json_path is not None:
+        check_report_paths(json_path)
     if bundle is None:
         from omniedge.defaults import default_bundle
 

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from omniedge.atomic import atomic_write_bytes, atomic_write_json
+from omniedge.bench.stats import describe
+from omniedge.outputs import BENCH_JSON, BENCH_MARKDOWN, check_replaceable_file
 
 
 def _f(v: Any, fmt: str = "{:.2f}") -> str:
@@ -27,16 +29,16 @@ def markdown(r: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
         f"| load (all engines) | {r['load_s']['total']:.2f} s ({loads}) |",
-        f"| time to first token, text prompt | p50 {_f(r['ttft_ms_text'].get('p50'))} ms, "
-        f"p90 {_f(r['ttft_ms_text'].get('p90'))} ms |",
-        f"| time to first token, image + audio + text | p50 {_f(r['ttft_ms_image_audio'].get('p50'))} ms |",
-        f"| per-token latency (first excluded, n={tok.get('n', 0)}) | p50 {_f(tok.get('p50'))} ms, "
-        f"p90 {_f(tok.get('p90'))} ms, p99 {_f(tok.get('p99'))} ms |",
+        f"| time to first token, text prompt (n={r['ttft_ms_text'].get('n', 0)}) | "
+        f"{describe(r['ttft_ms_text'], ('p50', 'p90'))} |",
+        f"| time to first token, image + audio + text (n={r['ttft_ms_image_audio'].get('n', 0)}) | "
+        f"{describe(r['ttft_ms_image_audio'], ('p50',))} |",
+        f"| per-token latency (first excluded, n={tok.get('n', 0)}) | {describe(tok)} |",
         f"| decode throughput | {_f(r['decode_tok_s'], '{:.1f}')} tokens/s |",
-        f"| image latency (preprocess + encode, {img.get('size')}) | p50 {_f(img.get('p50'))} ms "
-        f"(preprocess {_f(img.get('preprocess_mean'))} ms) |",
+        f"| image latency (preprocess + encode, {img.get('size')}, n={img.get('n', 0)}) | "
+        f"{describe(img, ('p50',))} (preprocess {_f(img.get('preprocess_mean'))} ms) |",
         f"| speech in, real-time factor ({sp['audio_s']:.0f} s clip) | {_f(sp['rtf'], '{:.4f}')} "
-        f"(p50 {_f(sp['process_ms'].get('p50'))} ms) |",
+        f"({describe(sp['process_ms'], ('p50',))}) |",
         f"| peak RSS | {r['memory']['peak_rss_mib']:.0f} MiB (engines {r['memory']['engines_footprint_mib']:.0f} MiB) |",
         f"| power | {_f(r['power_w'], '{:.1f} W') if r['power_w'] is not None else 'not readable here'} |",
         "",
@@ -44,8 +46,15 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_report_paths(json_path: Path) -> None:
+    """Refuse, before any measuring, to overwrite files that are not earlier bench reports."""
+    check_replaceable_file(json_path, BENCH_JSON)
+    check_replaceable_file(Path(json_path).with_suffix(".md"), BENCH_MARKDOWN)
+
+
 def write_reports(report: dict[str, Any], json_path: Path) -> str:
     json_path = Path(json_path)
+    check_report_paths(json_path)
     atomic_write_json(json_path, report)
     md = markdown(report)
     atomic_write_bytes(json_path.with_suffix(".md"), md.encode())

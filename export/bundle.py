@@ -16,6 +16,7 @@ from typing import Any
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.checkpoint import check_checkpoint_dir, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import BUNDLE, check_replaceable
 
 SCHEMA_VERSION = 2  # must equal omniedge.runtime.manifest.SCHEMA_VERSION
 MANIFEST = "manifest.json"
@@ -204,6 +205,7 @@ def export_bundle(
     out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise OmniedgeError("the bundle directory is the checkpoint directory", "pass another -o/--out")
+    check_replaceable(out, BUNDLE)  # before anything loads: refuse a folder that is not a bundle
     config = read_config(checkpoint)
     raw_config = json.loads((checkpoint / "config.json").read_text())
     source = SafetensorsDir(checkpoint)
@@ -228,7 +230,7 @@ def export_bundle(
     dtype = "float16" if (flavour == "ort" and device == "cuda") else "float32"
     num_deepstack = len(config.thinker_config.vision_config.deepstack_visual_indexes)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, BUNDLE) as tmp:
         shutil.copyfile(checkpoint / "tokenizer.json", tmp / "tokenizer.json")
         embed = _write_embeddings(source, tmp, dtype)
         quantization: dict[str, Any] | None = None

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from omniedge.outputs import OutputKind, check_replaceable
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -19,17 +21,21 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp directory next to `final`; on success it replaces `final` in one rename."""
+def atomic_dir(final: str | os.PathLike[str], kind: OutputKind) -> Iterator[Path]:
+    """Yield a temp directory next to `final`; on success it replaces `final` in one rename.
+
+    `final` may be replaced only if it is free, empty, or a previous output of `kind`
+    (omniedge.outputs.check_replaceable, checked before the work and again before the rename).
+    """
     final = Path(final)
+    check_replaceable(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the artifact must read like any other directory
     try:
         yield tmp
         if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
+            check_replaceable(final, kind)  # something may have appeared there while we worked
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)

@@ -12,6 +12,7 @@ from typing import Any
 
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import CHECKPOINT
 
 META_FILE = "omniedge.json"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
@@ -36,9 +37,15 @@ def check_checkpoint_dir(path: str | Path) -> Path:
             "pass the directory written by `omniedge compress` or `save_pretrained`",
         )
     try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OmniedgeError(f"{cfg} is not valid JSON ({e})", "re-create the checkpoint") from e
+    if not isinstance(config, dict):
+        raise OmniedgeError(
+            f"{cfg} holds a JSON {type(config).__name__}, not a model config object",
+            "re-create the checkpoint",
+        )
+    model_type = config.get("model_type")
     if model_type != "qwen3_omni_moe":
         raise OmniedgeError(
             f"{p} holds a {model_type!r} model, not Qwen3-Omni (model_type 'qwen3_omni_moe')",
@@ -48,12 +55,28 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         raise OmniedgeError(f"{p} has a config but no weight files (*.safetensors)", "copy the weights too")
     if not (p / "tokenizer.json").is_file():
         raise OmniedgeError(f"{p} has no tokenizer.json", "copy tokenizer.json beside config.json")
+    read_meta(p)  # a damaged omniedge.json fails here, before any weights load
     return p
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's omniedge.json ({} when it has none); a damaged one is a clear error."""
     f = Path(path) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniedgeError(
+            f"{f} is damaged: not valid JSON ({e})",
+            f"re-create the checkpoint, or delete {f} if the weights beside it are all you need",
+        ) from e
+    if not isinstance(meta, dict):
+        raise OmniedgeError(
+            f"{f} is damaged: a JSON {type(meta).__name__}, not an object",
+            f"re-create the checkpoint, or delete {f} if the weights beside it are all you need",
+        )
+    return meta
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -83,7 +106,7 @@ def save_checkpoint(
     from omniedge.models.tokenizer import save_tokenizer
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, CHECKPOINT) as tmp:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
         for _name, writer in (extra_files or {}).items():

@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--json", type=Path, help="where to write the JSON report (default: print path in cache)")
     n.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
 
-    i = cmd("info", "Describe a checkpoint or an engine bundle.")
+    i = cmd("info", "Describe a checkpoint or an engine bundle and check it for damage (as `run` would).")
     i.add_argument("path", type=Path)
     i.add_argument("--memory-budget", help=f"print the bundle's memory plan for this budget: {BUDGET_HELP}")
     i.add_argument("--pin", action="append", help="engine kept resident (repeat; default: thinker)")
@@ -151,10 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
     s.add_argument("--model-name", help="model id clients send (default: the bundle's model name)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
+    i.add_argument(
+        "--no-checksums", action="store_true", help="skip hashing the bundle's files (fast on a 30B bundle)"
+    )
 
     v = cmd(
         "eval",
-        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
+        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95%% CIs).",
     )
     v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
     v.add_argument("--suite", default="omni-mini", help="evaluation suite (default: omni-mini)")
@@ -233,7 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "info":
         from omniedge.info import info_cli
 
-        info_cli(args.path)
+        info_cli(args.path, checksums=not args.no_checksums)
     elif args.command == "serve":
         from omniedge.runtime.cli_serve import serve_cli
 

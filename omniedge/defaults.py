@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from omniedge import __version__
 from omniedge.errors import OmniedgeError
-from omniedge.paths import home
+from omniedge.outputs import DEFAULT_BUNDLE_CACHE
+from omniedge.paths import home, toolchain_versions
 
 DEFAULT_MODEL = "omni-mini"  # trained, shipped in the package (docs/omni-mini.md)
 
@@ -49,16 +51,32 @@ def _key(model: str, recipe: dict) -> str:
             "recipe": recipe,
             "code": _code_hash(),
             "weights": _weights_hash(model),
+            "toolchain": toolchain_versions(),
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def default_bundle(model: str = DEFAULT_MODEL, progress: bool = True, subprocess: bool = False) -> Path:
+def _cached_bundle_problem(bundle: Path) -> str | None:
+    """None if the cached bundle passes the runtime's checks (checksums included), else what is wrong."""
+    from omniedge.runtime.manifest import load_manifest
+
+    try:
+        load_manifest(bundle, verify_checksums=True)
+    except OmniedgeError as e:
+        return e.problem
+    return None
+
+
+def default_bundle(
+    model: str = DEFAULT_MODEL, progress: bool = True, subprocess: bool = False, announce: bool = True
+) -> Path:
     """Bundle directory of the default model: reused when cached, else compress -> export (minutes at most).
 
-    `subprocess=True` builds in a child process, so a benchmark's memory figures never include torch.
+    A cached bundle that fails the runtime's checks (damaged, half deleted) is rebuilt, never reported as
+    something for the user to re-export. `subprocess=True` builds in a child process, so a benchmark's
+    memory figures never include torch; `announce=False` keeps the child from repeating the parent's line.
     """
     # The raw recipe file names the cache; validating it imports torch, needed only to build.
     from omniedge.compress.recipe import DEFAULT_RECIPE, DEFAULT_RECIPE_PATH, read_recipe_file
@@ -67,8 +85,13 @@ def default_bundle(model: str = DEFAULT_MODEL, progress: bool = True, subprocess
     key = _key(model, raw)
     ckpt = home() / "checkpoints" / f"{model}-{key}"
     bundle = home() / "bundles" / f"{model}-{key}"
-    if (bundle / ".complete").is_file():
-        return bundle
+    if DEFAULT_BUNDLE_CACHE.holds(bundle):
+        problem = _cached_bundle_problem(bundle)
+        if problem is None:
+            return bundle
+        if announce:
+            print(f"the cached default bundle is damaged ({problem}); rebuilding it")
+        shutil.rmtree(bundle)  # omniedge's own cache, recognised by its .complete marker
     try:
         from omniedge.compress.pipeline import compress
         from omniedge.export.bundle import export_bundle
@@ -77,22 +100,32 @@ def default_bundle(model: str = DEFAULT_MODEL, progress: bool = True, subprocess
             f"building the default model's bundle needs the offline extras ({e.name} is missing)",
             'pip install "omniedge[offline,ort]", or pass a bundle directory you exported elsewhere',
         ) from e
-    if progress:
+    if progress and announce:
         print(f"building the default model's bundle ({model}) once, into {bundle}")
     if subprocess:
         import subprocess as sp
         import sys
 
-        code = f"from omniedge.defaults import default_bundle; default_bundle({model!r}, {progress!r})"
+        code = (
+            "from omniedge.defaults import default_bundle; "
+            f"default_bundle({model!r}, {progress!r}, announce=False)"
+        )
         if sp.run([sys.executable, "-c", code]).returncode != 0 or not (bundle / ".complete").is_file():
             raise OmniedgeError(
                 f"building the default bundle into {bundle} failed (output above)", "fix and re-run"
             )
         return bundle
-    if not (ckpt / "omniedge.json").is_file():
-        from omniedge.compress.recipe import default_recipe
+    try:
+        if not (ckpt / "omniedge.json").is_file():
+            from omniedge.compress.recipe import default_recipe
 
-        compress(model, ckpt, default_recipe(), progress=progress)
-    export_bundle(ckpt, bundle)
-    (bundle / ".complete").write_text(key + "\n")
+            compress(model, ckpt, default_recipe(), progress=progress)
+        export_bundle(ckpt, bundle)
+    except OmniedgeError as e:
+        raise OmniedgeError(
+            f"building the default model's bundle failed: {e.problem}",
+            f"delete omniedge's cached copies {ckpt} and {bundle} and run again (they are rebuilt), "
+            "or pass a bundle directory you exported",
+        ) from e
+    (bundle / DEFAULT_BUNDLE_CACHE.marker).write_text(key + "\n")
     return bundle

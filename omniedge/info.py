@@ -1,4 +1,5 @@
-"""`omniedge info`: what a checkpoint or an engine bundle holds, read from its JSON files alone (no torch)."""
+"""`omniedge info`: what a checkpoint or an engine bundle holds (no torch), and whether it is damaged: a bundle
+gets the checks `omniedge run` makes plus every checksum; a checkpoint the checks `export` makes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omniedge.checkpoint import check_checkpoint_dir, read_meta
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.manifest import Manifest
 
 
 def _size(path: Path) -> int:
@@ -22,6 +25,17 @@ def _mib(n: float) -> str:
 
 
 def describe_checkpoint(path: Path) -> list[str]:
+    """What `check_checkpoint_dir` accepted, described; odd shapes inside config.json are clear errors."""
+    try:
+        return _describe_checkpoint(path)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise OmniedgeError(
+            f"{path}: config.json or omniedge.json has an unexpected structure ({e})",
+            "re-create the checkpoint with `omniedge compress` or `save_pretrained`",
+        ) from e
+
+
+def _describe_checkpoint(path: Path) -> list[str]:
     cfg = json.loads((path / "config.json").read_text())
     th = cfg.get("thinker_config", {})
     tc = th.get("text_config", {})
@@ -41,9 +55,8 @@ def describe_checkpoint(path: Path) -> list[str]:
             f"  quantized {q.get('method')} int{q.get('bits')} group {q.get('group_size')}, "
             f"{len(q.get('modules', []))} tensors in {q.get('file')}"
         )
-    meta_file = path / "omniedge.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+    meta = read_meta(path)
+    if meta:
         lines.append(f"  made by   {meta.get('made_by') or meta.get('model')}")
         for st in meta.get("stages", []):
             mes = st.get("measured") or {}
@@ -66,38 +79,55 @@ def describe_checkpoint(path: Path) -> list[str]:
     return lines
 
 
-def describe_bundle(path: Path) -> list[str]:
-    m: dict[str, Any] = json.loads((path / "manifest.json").read_text())
-    b = m.get("builder", {})
+def describe_bundle(m: Manifest) -> list[str]:
+    raw: dict[str, Any] = m.raw
+    b = raw.get("builder") if isinstance(raw.get("builder"), dict) else {}
     lines = [
-        f"bundle  {path}  ({_mib(_size(path))} on disk), manifest schema {m.get('schema_version')}",
-        f"  model    {m.get('model', {}).get('name')}",
+        f"bundle  {m.root}  ({_mib(_size(m.root))} on disk), manifest schema {raw.get('schema_version')}",
+        f"  model    {m.model_name}",
         f"  built    omniedge {b.get('omniedge')}, onnx opset {b.get('opset')}, TensorRT {b.get('tensorrt') or '-'}"
         + (f", GPU {b.get('gpu')} (sm_{b.get('gpu_sm')})" if b.get("gpu") else ""),
     ]
-    for name, comp in m.get("components", {}).items():
-        files = [comp.get("onnx"), comp.get("engine")]
-        ins = ", ".join(f"{i['name']}{list(i['shape'])}" for i in comp.get("inputs", [])[:4])
-        more = " ..." if len(comp.get("inputs", [])) > 4 else ""
-        lines.append(
-            f"  {name:<8} {' + '.join(f for f in files if f)}  weights {_mib(comp.get('weight_bytes', 0))}  in: {ins}{more}"
-        )
-    img = m.get("preprocess", {}).get("image")
-    if img:
-        lines.append(f"  image    {img.get('size')} px -> {img.get('num_tokens')} tokens")
+    for name, comp in m.components.items():
+        files = [p.name for p in (comp.onnx, comp.engine) if p is not None]
+        ins = ", ".join(f"{i.name}{list(i.shape)}" for i in comp.inputs[:4])
+        more = " ..." if len(comp.inputs) > 4 else ""
+        lines.append(f"  {name:<8} {' + '.join(files)}  weights {_mib(comp.weight_bytes)}  in: {ins}{more}")
+    if m.image:
+        lines.append(f"  image    {list(m.image.size)} px -> {m.image.num_tokens} tokens")
     return lines
 
 
-def info_cli(path: Path) -> None:
+def check_bundle_cli(path: Path, checksums: bool = True) -> list[str]:
+    """The bundle's description and health, or one OmniedgeError listing every damage found."""
+    from omniedge.runtime.bundle_check import check_bundle
+
+    health = check_bundle(path, checksums=checksums)
+    if health.fatal is not None:
+        raise health.fatal
+    lines = describe_bundle(health.manifest)
+    if health.damage:
+        print("\n".join(lines))
+        raise OmniedgeError(
+            f"bundle {path} is damaged:\n" + "\n".join(f"  - {d}" for d in health.damage),
+            "copy the damaged files again from the machine that exported the bundle, or re-export it "
+            "with `omniedge export CHECKPOINT -o BUNDLE`",
+        )
+    sums = f", {health.checked_files} checksums match" if checksums else ", checksums not checked"
+    lines.append(f"  health   ok: the checks `omniedge run` makes pass{sums}")
+    return lines
+
+
+def info_cli(path: Path, checksums: bool = True) -> None:
     path = Path(path)
     if not path.exists():
         raise OmniedgeError(
             f"{path} does not exist", "pass a checkpoint directory or an engine bundle directory"
         )
     if (path / "manifest.json").is_file():
-        lines = describe_bundle(path)
+        lines = check_bundle_cli(path, checksums)
     elif (path / "config.json").is_file():
-        lines = describe_checkpoint(path)
+        lines = describe_checkpoint(check_checkpoint_dir(path))
     else:
         raise OmniedgeError(
             f"{path} is neither a checkpoint (config.json) nor an engine bundle (manifest.json)",

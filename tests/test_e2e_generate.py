@@ -143,28 +143,6 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p() -> None:
 # ---------------------------------------------------------------- the tiny model, exported
 
 
-@pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    """The tiny model after the default recipe (prune half the experts + INT4), cached per compressor version."""
-    pytest.importorskip("torch")
-    import hashlib
-
-    import omniedge.compress
-    from omniedge.compress.pipeline import compress
-    from omniedge.compress.recipe import default_recipe
-    from omniedge.models.registry import resolve_checkpoint
-    from omniedge.paths import home
-
-    src = resolve_checkpoint("tiny")
-    h = hashlib.sha256(src.name.encode())
-    for f in sorted(Path(omniedge.compress.__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
-    out = home() / "test-checkpoints" / f"tiny-int4-{h.hexdigest()[:12]}"
-    if not (out / "omniedge.json").is_file():
-        compress(src, out, default_recipe(), progress=False)
-    return out
-
-
 def test_the_e2e_model_is_pruned_and_int4(checkpoint: Path) -> None:
     import json
 
@@ -173,30 +151,10 @@ def test_the_e2e_model_is_pruned_and_int4(checkpoint: Path) -> None:
     assert cfg["omniedge_quantization"]["bits"] == 4 and (checkpoint / "int4.safetensors").is_file()
 
 
-def _export_key(checkpoint: Path) -> str:
-    """Exporter sources + checkpoint identity: a cached bundle is reused only if neither changed."""
-    import hashlib
-
-    import omniedge.export
-
-    h = hashlib.sha256()
-    for f in sorted(Path(omniedge.export.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    h.update((checkpoint / "omniedge.json").read_bytes())
-    return h.hexdigest()[:16]
-
-
 @pytest.fixture(scope="module", params=["ort", "portable"])
-def bundle(checkpoint: Path, request: pytest.FixtureRequest) -> Path:
-    """The tiny checkpoint exported once per exporter version and thinker flavour, cached under OMNIEDGE_HOME."""
-    exporter = pytest.importorskip("omniedge.export.bundle", reason="export/bundle.py is not there yet")
-    from omniedge.paths import home
-
-    flavour = request.param
-    out = home() / "test-bundles" / f"tiny-{flavour}-{_export_key(checkpoint)}"
-    if not (out / "manifest.json").is_file():
-        exporter.export_bundle(checkpoint, out, flavour=flavour, progress=False)  # atomic: no half bundle
-    return out
+def bundle(bundle: Path, request: pytest.FixtureRequest) -> Path:
+    """Every test here runs on both thinker flavours (conftest's `bundle` is the ORT one)."""
+    return bundle if request.param == "ort" else request.getfixturevalue("portable_bundle")
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +322,30 @@ def test_empty_wav(omni, tmp_path: Path) -> None:
         w.writeframes(b"")
     with pytest.raises(OmniedgeError, match="no samples"):
         omni.chat(PROMPT, audio=f)
+
+
+def test_truncated_wav_is_answered_with_a_warning(
+    bundle: Path, omni, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A WAV whose header promises 2 s but holds 0.67 s: used, and said so in the result and on the CLI."""
+    from omniedge.runtime.cli_run import run_cli
+
+    t = np.arange(32000) / 16000
+    f = tmp_path / "cut.wav"
+    with wave.open(str(f), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2").tobytes())
+    f.write_bytes(f.read_bytes()[: 44 + 2 * 10720])
+    res = omni.chat(PROMPT, audio=f, max_new_tokens=3)
+    assert len(res.warnings) == 1 and "truncated" in res.warnings[0] and "0.67 s" in res.warnings[0]
+    assert omni.chat(PROMPT, audio=_audio(), max_new_tokens=3).warnings == []
+    with pytest.warns(UserWarning, match="truncated"):
+        "".join(omni.stream(PROMPT, audio=f, max_new_tokens=3))
+    capsys.readouterr()
+    run_cli(str(bundle), PROMPT, audio=f, max_new_tokens=3)
+    assert "warning: audio file" in capsys.readouterr().err
 
 
 def test_prompt_past_the_context(bundle: Path) -> None:

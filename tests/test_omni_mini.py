@@ -4,7 +4,6 @@ batches, the training pack, and a 2-step CPU smoke run of the training script.""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import wave
 from pathlib import Path
@@ -37,13 +36,26 @@ def test_committed_checkpoint_meets_the_size_and_moe_targets() -> None:
     text = cfg["thinker_config"]["text_config"]
     assert text["num_experts"] >= 32 and text["num_experts_per_tok"] >= 4
     assert text["hidden_size"] % 128 == 0 and text["moe_intermediate_size"] % 128 == 0
-    meta = json.loads((path / "omniedge.json").read_text())
-    training = meta["training"]
-    assert training["settings"]["router_aux_loss_coef"] > 0 and training["settings"]["dtype"] == "bfloat16"
-    assert training["seconds"] < 8 * 60
-    assert meta["files"]["model.safetensors"] and training["pack"]["dataset_manifest_sha256"]
-    evals = meta["eval"]["tasks"]
-    assert evals["text"]["value"] <= 0.5 * evals["text"]["baseline"]["unigram"]["value"]
+
+
+# Floors on held-out data (the small data set's test split: documents, scene layouts and voices that the
+# training split never has), measured by running the model here, not read back from omniedge.json.
+# Measured here (2026-12-01, data builder v3) with `evaluate("omni-mini", suite="omni-mini-small", limit=32)`:
+# text perplexity 62.1 (unigram 864), image accuracy 1.0 (majority 0.09), speech WER 0.77 (empty 1.0).
+HELD_OUT_LIMIT = 32
+FLOORS = {"text_ppl_vs_unigram": 0.2, "image_accuracy": 0.8, "speech_wer": 0.95}
+
+
+def test_committed_model_scores_above_floors_on_held_out_data() -> None:
+    from omniedge.eval.cli import evaluate
+
+    res = evaluate("omni-mini", suite="omni-mini-small", limit=HELD_OUT_LIMIT, progress=False)
+    tasks = res["tasks"]
+    text, image, speech = tasks["text"], tasks["image"], tasks["speech"]
+    assert text["n"] >= 20 and image["n"] >= 20 and speech["n"] >= 10
+    assert text["value"] <= FLOORS["text_ppl_vs_unigram"] * text["baseline"]["unigram"]["value"], text
+    assert image["value"] >= FLOORS["image_accuracy"] > image["baseline"]["majority"]["value"], image
+    assert speech["value"] <= FLOORS["speech_wer"] < speech["baseline"]["empty"]["value"], speech
 
 
 def test_every_int4_weight_of_the_thinker_has_input_width_multiple_of_128() -> None:
@@ -95,10 +107,6 @@ def test_committed_model_answers_image_questions(teacher) -> None:  # type: igno
     assert correct >= 9, list(zip(refs, hyps, strict=True))
 
 
-NO_ESPEAK = shutil.which("espeak-ng") is None or shutil.which("sox") is None
-
-
-@pytest.mark.skipif(NO_ESPEAK, reason="needs espeak-ng and sox")
 def test_committed_model_listens_to_an_unseen_voice(teacher) -> None:  # type: ignore[no-untyped-def]
     """The transcript is far more likely given its own audio than given another sentence's audio.
 

@@ -211,8 +211,8 @@ def test_image_errors(tmp_path: Path) -> None:
         load_image(tmp_path / "bad.jpg")
     with pytest.raises(OmniedgeError, match="no pixels"):
         load_image(np.zeros((0, 5, 3), np.uint8))
-    with pytest.raises(OmniedgeError, match="uint8"):
-        load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(OmniedgeError, match="scale is unknown"):
+        load_image(np.full((4, 4, 3), 300.5, np.float32))
     with pytest.raises(OmniedgeError, match="HxWx3"):
         load_image(np.zeros((4, 4, 2), np.uint8))
 

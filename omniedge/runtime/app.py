@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,15 @@ Result = GenerationResult
 DEFAULT_CONTEXT = 4096
 
 
+def _report(found: list[str], notes: list[str] | None) -> None:
+    """Warnings go into the result (`chat`) or, where there is none (`stream`), to Python's warnings."""
+    if notes is not None:
+        notes.extend(found)
+    else:
+        for note in found:
+            warnings.warn(note, stacklevel=4)
+
+
 @dataclass
 class Request:
     """A request after preprocessing, before any engine ran: what the encoders and thinker are fed."""
@@ -55,6 +65,7 @@ class Request:
     image_grid_thw: tuple[int, int, int] | None = None
     mel: np.ndarray | None = None  # float32 [n_mels, frames]
     chunks: AudioChunks | None = None
+    warnings: list[str] = field(default_factory=list)  # what was used although suspect (truncated WAV)
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -208,6 +219,7 @@ class Omni:
         m = self.manifest
         req_pixels = grid = mel = chunks = None
         n_img = n_aud = 0
+        notes: list[str] = []
         if image is not None:
             if m.image is None:
                 raise OmniedgeError(
@@ -231,12 +243,12 @@ class Omni:
                     f"bundle {m.root} has no audio engine", "export it with the audio encoder"
                 )
             a = m.audio
-            wav = load_audio(audio, a.sampling_rate, a.max_seconds, min_samples=a.n_fft)
+            wav = load_audio(audio, a.sampling_rate, a.max_seconds, min_samples=a.n_fft, notes=notes)
             mel = log_mel(wav, a.n_mels, a.n_fft, a.hop_length, a.sampling_rate, self._mel_filters)
             chunks = audio_chunks(mel, a.n_window, a.n_window_infer)
             n_aud = chunks.num_tokens
         p = build_prompt(self.tokenizer, m.special_tokens, prompt, system, n_img, n_aud)
-        return Request(p, req_pixels, grid, mel, chunks)
+        return Request(p, req_pixels, grid, mel, chunks, notes)
 
     # ------------------------------------------------------------ encoders
 
@@ -296,10 +308,12 @@ class Omni:
         on_token: Callable[[TokenEvent], None] | None,
         timings: Timings,
         token_ids: list[int],
+        notes: list[str] | None = None,
     ) -> Iterator[TokenEvent]:
         params.check()
         t_request = time.perf_counter()
         req = self.preprocess(prompt, image, audio, system)
+        _report(req.warnings, notes)
         timings.preprocess_s = time.perf_counter() - t_request
         inputs = self.thinker_inputs(req, timings)
         measured = self.scheduler is not None and isinstance(self.thinker, OrtThinker)
@@ -337,13 +351,15 @@ class Omni:
     ) -> Result:
         """Answer one request; `on_token` streams events as they come; `cancel.set()` stops early."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-        timings, ids = Timings(), []
+        timings, ids, notes = Timings(), [], []
         with self._queue.turn():
-            for _ in self._events(prompt, image, audio, params, system, cancel, on_token, timings, ids):
+            for _ in self._events(
+                prompt, image, audio, params, system, cancel, on_token, timings, ids, notes
+            ):
                 pass
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cancelled = cancel is not None and cancel.is_set()
-        return Result(text, ids, finish_reason(ids, self.manifest.eos_token_ids, cancelled), timings)
+        return Result(text, ids, finish_reason(ids, self.manifest.eos_token_ids, cancelled), timings, notes)
 
     def stream(
         self,

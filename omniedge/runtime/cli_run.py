@@ -82,5 +82,7 @@ def run_cli(
         omni.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"[{summary_line(result.timings, load_s)} | {result.finish_reason}]", file=sys.stderr)
     return result

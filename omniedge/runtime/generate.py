@@ -78,6 +78,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (eos), "length" (max_new_tokens or context), "cancelled"
     timings: Timings
+    warnings: list[str] = field(default_factory=list)  # e.g. a truncated WAV that was used as it is
 
 
 def embed_prompt(

@@ -131,6 +131,32 @@ def _get(d: dict[str, Any], key: str, root: Path, where: str, kind: type | tuple
     return value
 
 
+def bundle_path(root: Path, name: Any, where: str) -> Path:
+    """`root / name` for a file the manifest names; refused unless it stays inside the bundle directory."""
+    if not isinstance(name, str) or not name:
+        raise _bad(root, f"field {where} must be a file name inside the bundle, got {name!r}")
+    rel = Path(name)
+    inside = not rel.is_absolute() and ".." not in rel.parts
+    if inside:
+        try:
+            inside = (root / rel).resolve().is_relative_to(root)  # a symlink may point out, too
+        except (OSError, RuntimeError):
+            inside = False
+    if not inside:
+        raise OmniedgeError(
+            f"bundle {root}: {MANIFEST_FILE} field {where} names {name!r}, outside the bundle directory; "
+            "refusing to open it",
+            "a bundle names only files inside itself: " + _REEXPORT,
+        )
+    return root / rel
+
+
+def _int_list(value: Any, root: Path, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise _bad(root, f"field {where} must be a list of integers")
+    return [int(x) for x in value]
+
+
 def _positive_int(d: dict[str, Any], key: str, root: Path, where: str, allow_zero: bool = False) -> int:
     v = _get(d, key, root, where, int)
     if v < 0 or (v == 0 and not allow_zero):
@@ -160,10 +186,12 @@ def _component(name: str, c: Any, root: Path) -> ComponentSpec:
     sha = c.get("sha256") or {}
     if not isinstance(sha, dict):
         raise _bad(root, f"field {where}sha256 must map file names to hashes")
+    for file_name in sha:
+        bundle_path(root, file_name, f"{where}sha256")
     return ComponentSpec(
         name=name,
-        onnx=root / onnx if onnx else None,
-        engine=root / engine if engine else None,
+        onnx=bundle_path(root, onnx, where + "onnx") if onnx else None,
+        engine=bundle_path(root, engine, where + "engine") if engine else None,
         inputs=_tensors(c.get("inputs", []), root, where + "inputs"),
         outputs=_tensors(c.get("outputs", []), root, where + "outputs"),
         weight_bytes=int(c.get("weight_bytes") or 0),
@@ -279,13 +307,25 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
     root = Path(bundle_dir).expanduser().resolve()
     raw = _read_json(root)
     _check_schema(raw, root)
+    try:
+        m = _parse(raw, root)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a field of the wrong shape
+        raise _bad(root, f"has a field of the wrong type or shape ({type(e).__name__}: {e})") from e
+    _check_files(m)
+    if verify_checksums:
+        verify(m)
+    return m
 
-    special = _get(raw, "special_tokens", root, "", dict)
-    special = {str(k): int(v) for k, v in special.items()}
+
+def _parse(raw: dict[str, Any], root: Path) -> Manifest:
+    special_raw = _get(raw, "special_tokens", root, "", dict)
+    special = dict(
+        zip(special_raw, _int_list(list(special_raw.values()), root, "special_tokens"), strict=True)
+    )
     for name in TEXT_TOKENS:
         if name not in special:
             raise _bad(root, f"special_tokens lacks {name!r}")
-    eos = _get(raw, "eos_token_ids", root, "", list)
+    eos = _int_list(_get(raw, "eos_token_ids", root, "", list), root, "eos_token_ids")
     if not eos:
         raise _bad(root, "eos_token_ids is empty: generation could never stop")
     t = _get(raw, "text", root, "", dict)
@@ -299,7 +339,7 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
         num_deepstack=_positive_int(t, "num_deepstack", root, "text.", allow_zero=True),
     )
     emb = _get(raw, "embed_tokens", root, "", dict)
-    emb_shape = tuple(int(x) for x in _get(emb, "shape", root, "embed_tokens.", list))
+    emb_shape = tuple(_int_list(_get(emb, "shape", root, "embed_tokens.", list), root, "embed_tokens.shape"))
     if len(emb_shape) != 2 or emb_shape[1] != text.hidden_size:
         raise _bad(root, f"embed_tokens.shape {list(emb_shape)} is not [vocab, {text.hidden_size}]")
 
@@ -319,11 +359,11 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
         root=root,
         raw=raw,
         model_name=str((raw.get("model") or {}).get("name", "unknown")),
-        tokenizer_file=root / str(_get(raw, "tokenizer", root, "", str)),
+        tokenizer_file=bundle_path(root, _get(raw, "tokenizer", root, "", str), "tokenizer"),
         special_tokens=special,
         eos_token_ids=tuple(int(x) for x in eos),
         text=text,
-        embed_file=root / str(_get(emb, "file", root, "embed_tokens.", str)),
+        embed_file=bundle_path(root, _get(emb, "file", root, "embed_tokens.", str), "embed_tokens.file"),
         embed_dtype=str(emb.get("dtype", "float32")),
         embed_shape=(emb_shape[0], emb_shape[1]),
         image=image,
@@ -332,9 +372,6 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
         components=components,
         thinker=_thinker_graph(raw, root, text),
     )
-    _check_files(m)
-    if verify_checksums:
-        verify(m)
     return m
 
 

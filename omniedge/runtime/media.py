@@ -2,13 +2,14 @@
 
 Audio: WAV through the stdlib `wave` (PCM 8/16/24/32-bit), other formats through soundfile when it is
 installed; always returned as float32 mono at the model's rate, resampled by a windowed-sinc polyphase
-filter in numpy (no scipy on the device). Images: Pillow, returned as RGB uint8 HxWx3.
+filter in numpy (no scipy on the device). Images: Pillow, returned as RGB uint8 HxWx3 with 16-bit and float levels scaled (image_modes.py).
 """
 
 from __future__ import annotations
 
 import math
 import struct
+import warnings
 import wave
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.image_modes import array_to_rgb8, pil_to_rgb8
+from omniedge.runtime.wav_header import truncation_note
 
 MAX_IMAGE_PIXELS = 100_000_000  # 100 MP: beyond this a camera frame is a mistake or an attack
 _SOUNDFILE_FIX = "pip install soundfile (FLAC/OGG/float WAV), or convert to 16-bit PCM WAV"
@@ -71,11 +74,17 @@ def _soundfile_available() -> bool:
     return True
 
 
+def _check_file(p: Path, what: str) -> None:
+    if p.is_dir():
+        raise OmniedgeError(f"{p} is a directory, not an {what} file", f"pass one {what} file inside it")
+    if not p.is_file():
+        raise OmniedgeError(f"{what} file not found: {p}", "check the path")
+
+
 def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     """Decode an audio file to (float32 [frames, channels], rate); OmniedgeError if it cannot be read."""
     p = Path(path)
-    if not p.is_file():
-        raise OmniedgeError(f"audio file not found: {p}", "check the path")
+    _check_file(p, "audio")
     if p.stat().st_size == 0:
         raise OmniedgeError(f"audio file {p} is empty (0 bytes)", "record or copy the audio again")
     is_wav = p.suffix.lower() in (".wav", ".wave")
@@ -151,16 +160,28 @@ def resample(
 
 
 def load_audio(
-    source: AudioInput, sampling_rate: int = 16000, max_seconds: float | None = None, min_samples: int = 400
+    source: AudioInput,
+    sampling_rate: int = 16000,
+    max_seconds: float | None = None,
+    min_samples: int = 400,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
     """float32 mono at `sampling_rate` from a path or (array, rate); errors for empty/corrupt/too long input.
 
     All-zero (silent) audio is valid. `min_samples` guards the STFT, which needs one window of signal.
+    A WAV shorter than its header says is used as it is, with a warning appended to `notes` (a Python
+    warning when `notes` is None): never silently.
     """
     where = "audio"
     if isinstance(source, (str, Path)):
         data, rate = read_audio_file(source)
         where = f"audio file {source}"
+        note = truncation_note(source)
+        if note is not None:
+            if notes is None:
+                warnings.warn(note, stacklevel=2)
+            else:
+                notes.append(note)
     elif isinstance(source, tuple) and len(source) == 2:
         data, rate = source
         try:
@@ -219,30 +240,18 @@ def _check_size(w: int, h: int, where: str) -> None:
         )
 
 
-def _pil_to_rgb(img: Any) -> np.ndarray:
-    """RGB uint8, compositing any transparency onto white (as transformers' image processors do)."""
-    from PIL import Image
-
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
 def load_image(source: ImageInput) -> np.ndarray:
     """RGB uint8 HxWx3 from a path or an array; errors for missing, corrupt, empty or huge images."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
         p = Path(source)
-        if not p.is_file():
-            raise OmniedgeError(f"image file not found: {p}", "check the path")
+        _check_file(p, "image")
         try:
             with Image.open(p) as img:
                 _check_size(*img.size, f"image {p}")  # header only: a bomb is refused before decoding
                 img.load()
-                return _pil_to_rgb(img)
+                return pil_to_rgb8(img, f"image {p}")
         except OmniedgeError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -251,23 +260,12 @@ def load_image(source: ImageInput) -> np.ndarray:
             ) from e
     if isinstance(source, Image.Image):
         _check_size(*source.size, "image")
-        return _pil_to_rgb(source)
+        return pil_to_rgb8(source)
     if isinstance(source, np.ndarray):
-        a = source
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        if a.ndim != 3 or a.shape[2] not in (3, 4):
-            raise OmniedgeError(f"image array must be HxWx3, got shape {a.shape}", "pass an RGB uint8 array")
-        if a.dtype != np.uint8:
-            raise OmniedgeError(
-                f"image array must be uint8, got {a.dtype}",
-                "convert it: (np.clip(img, 0, 1) * 255).round().astype(np.uint8)",
-            )
-        _check_size(a.shape[1], a.shape[0], "image array")
-        if a.shape[2] == 4:
-            return _pil_to_rgb(Image.fromarray(a, "RGBA"))
-        return np.ascontiguousarray(a)
+        if source.ndim >= 2:
+            _check_size(source.shape[1], source.shape[0], "image array")
+        return array_to_rgb8(source)
     raise OmniedgeError(
-        f"image must be a file path or an HxWx3 uint8 array, got {type(source).__name__}",
+        f"image must be a file path or an HxWx3 array (uint8, uint16 or float 0..1), got {type(source).__name__}",
         "pass image='photo.jpg' or image=np.asarray(...)",
     )

@@ -22,6 +22,7 @@ import numpy as np
 
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import TRAINING_PACK
 from omniedge.training.batches import (
     N_MELS,
     Example,
@@ -155,7 +156,7 @@ def write_pack(
         else None,
         "counts": {},
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, TRAINING_PACK) as tmp:
         tokenizer.save(str(tmp / "tokenizer.json"))
         for task in tasks:
             for split in splits:

@@ -25,6 +25,7 @@ import numpy as np
 
 from omniedge.atomic import atomic_write_json
 from omniedge.errors import OmniedgeError
+from omniedge.outputs import CHECKPOINT, check_replaceable
 from omniedge.training.batches import ChatTokens, Example, collate
 from omniedge.training.pack import load_pack_examples, read_pack_meta, write_pack
 
@@ -425,6 +426,7 @@ def train(pack: str | Path, out: str | Path, cfg: TrainConfig, device_name: str 
 
     pack = Path(pack)
     meta = read_pack_meta(pack)
+    check_replaceable(out, CHECKPOINT)  # now, not after hours of training
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OmniedgeError("--device cuda asked for, but torch sees no CUDA GPU", "pass --device cpu")
