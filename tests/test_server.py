@@ -210,11 +210,6 @@ def test_cmyk_image_is_accepted_and_correct(http: httpx.Client, served: dict, me
     assert r.json()["choices"][0]["message"]["content"] == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="16-bit images decode clipped, not scaled (omniedge/runtime/media.py): fixed with issue 6; "
-    "drop this marker when that fix is merged",
-)
 def test_16_bit_image_is_accepted_and_correct(http: httpx.Client, served: dict, media: Path) -> None:
     gray16 = (np.arange(96 * 96).reshape(96, 96) * 7 % 65536).astype(np.uint16)
     buf = io.BytesIO()
