@@ -172,8 +172,9 @@ def markdown(r: dict[str, Any]) -> str:
     for c in r["contexts"]:
         t, rf = c["token_ms"], c.get("roofline") or {}
         pct = f"{rf['fraction_of_roofline'] * 100:.0f}%" if rf.get("fraction_of_roofline") else "-"
+        pct_ms = " / ".join(f"{t[k]:.3f}" if k in t else "-" for k in ("p50", "p90", "p99"))
         lines.append(
-            f"| {c['context']} | {t.get('p50', 0):.3f} / {t.get('p90', 0):.3f} / {t.get('p99', float('nan')):.3f} "
+            f"| {c['context']} | {pct_ms} "
             f"| {c['decode_tok_s']:.0f} | {c['ttft_ms']['mean']:.1f} | {c['spread'].get('relative_range', 0):.1%} "
             f"| {rf.get('floor_ms', 0):.3f} | {pct} |"
         )

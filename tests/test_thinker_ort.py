@@ -167,3 +167,18 @@ def test_a_graph_variant_shares_the_weights_file(odd: dict[str, Any], tmp_path: 
         assert not (bundle / "thinker.variant.onnx.data").exists()
     finally:
         variant.unlink(missing_ok=True)
+
+
+def test_logits_of_a_step_stay_what_they_were(odd: dict[str, Any]) -> None:
+    """A step's logits are the caller's copy: the next step writes into the same bound output buffer."""
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp32"]) as omni:
+        inputs = omni.thinker_inputs(omni.preprocess(PROMPT))
+        first = omni.thinker.prefill(
+            inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+        )
+        kept = first.logits()
+        snapshot = kept.copy()
+        omni.thinker.decode(omni.embed_table[int(kept.argmax())], inputs.ids.size + inputs.rope_delta)
+        assert np.array_equal(kept, snapshot)

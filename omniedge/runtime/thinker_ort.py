@@ -42,7 +42,8 @@ class StepOutput:
         return int(self._next.numpy().reshape(-1)[0])
 
     def logits(self) -> np.ndarray:
-        return np.asarray(self._logits.numpy(), dtype=np.float32).reshape(-1)
+        # a copy: on the CPU the OrtValue's array is the bound buffer itself, which the next step overwrites
+        return np.array(self._logits.numpy(), dtype=np.float32).reshape(-1)
 
 
 class OrtThinker:
