@@ -1,35 +1,39 @@
 #!/usr/bin/env bash
-# One stage of the full-size H200 measurement (bench/h200/README.md). Usage: bench/h200/fullsize.sh STAGE...
+# Stages of the full-size H200 measurement (bench/h200/README.md). Usage: bench/h200/fullsize.sh STAGE...
+# Big outputs stay in /root/work (kept while the machine stays warm between calls); what comes back goes to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-W=/root/work; mkdir -p "$W" "$OUT"
+W=/root/work
+mkdir -p "$W" "$OUT" /root/site
 export PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
-# omniedge itself, editable, no dependencies fetched (the machine has no network; the image has them)
-python3 -c "import omniedge.export, omniedge.bench" 2>/dev/null || \
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
-peak() { python3 - "$@" <<'PY'
-import resource, subprocess, sys, time, json
-t = time.perf_counter(); rc = subprocess.call(sys.argv[1:])
-print(json.dumps({"rc": rc, "wall_s": round(time.perf_counter() - t, 1),
-  "peak_child_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}))
-sys.exit(rc)
-PY
-}
+# omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . >/dev/null 2>&1 \
+  || echo "omniedge install failed"
+om() { python3 -m omniedge "$@"; }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     wheels)  # espeakng-loader (speech for calibration), English data only, carried as .whl/espeakng_loader-en.tar.xz
-      python3 -c "import tarfile; tarfile.open('.whl/espeakng_loader-en.tar.xz').extractall('/root/site')" && \
-        python3 -c "import espeakng_loader, os; print('espeakng_loader at', os.path.dirname(espeakng_loader.__file__))" ;;
-    compress)
-      peak python3 -m omniedge.cli compress full -o $W/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml \
-        2>&1 | tee $OUT/compress.log | tail -40
-      cp $W/full-int4/omniedge.json $OUT/full-int4.omniedge.json; du -sh $W/full-int4; df -h $W | tail -1 ;;
-    export)
-      peak python3 -m omniedge.cli export $W/full-int4 -o $W/full-bundle --device cuda 2>&1 | tee $OUT/export.log | tail -20
-      cp $W/full-bundle/manifest.json $OUT/full-bundle.manifest.json; du -sh $W/full-bundle/* ;;
+      python3 -c "import tarfile; tarfile.open('.whl/espeakng_loader-en.tar.xz').extractall('/root/site')" &&
+        python3 -c "from omniedge.data import espeak; print('espeak-ng in process:', espeak.available())" ;;
+    chunk)  # one chunk of the onnxruntime-gpu wheel, joined by install-ort
+      mkdir -p /root/acc && cp .gpuwheels/part* /root/acc/ && ls /root/acc ;;
+    stash-mini)  # omni-mini's float16 bundle and the greedy reference, made on the CPU (make_parity_data.py)
+      mkdir -p $W/mini && cp -r bench/h200/data/mini-gpu bench/h200/data/ref.npz $W/mini/ 2>/dev/null; ls $W/mini ;;
+    start-compress)  # runs on in its own session across calls (it may outlast one call); status/wait-compress follow it
+      rm -f $W/compress.rc
+      setsid nohup bash -c "python3 -m omniedge compress full -o $W/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml \
+        > $W/compress.log 2>&1; echo \$? > $W/compress.rc" > /dev/null 2>&1 < /dev/null &
+      sleep 45; tail -c 1500 $W/compress.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
+    status)
+      tail -c 600 $W/compress.log 2>/dev/null | tr '\r' '\n' | tail -4; cat $W/compress.rc 2>/dev/null; df -h $W | tail -1 ;;
+    wait-compress)
+      for _ in $(seq 1 110); do [ -f $W/compress.rc ] && break; sleep 5; done
+      tr '\r' '\n' < $W/compress.log | grep -v "it/s\]$" | tail -30; echo "rc $(cat $W/compress.rc 2>/dev/null)"
+      cp $W/compress.log $OUT/compress.log 2>/dev/null; cp $W/full-int4/omniedge.json $OUT/full-int4.omniedge.json 2>/dev/null
+      cp $W/full-int4/config.json $OUT/full-int4.config.json 2>/dev/null; du -sh $W/full-int4; ls -la $W/full-int4 | head -20 ;;
     reload)
-      python3 - <<'PY' 2>&1 | tee $OUT/reload.log | tail -20
+      timeout 300 python3 - <<'PY' 2>&1 | tee $OUT/reload.log | grep -v Warn | tail -6
 import time, torch
 from omniedge.checkpoint import load_checkpoint
 t = time.perf_counter(); model, tok = load_checkpoint("/root/work/full-int4", dtype=torch.bfloat16)
@@ -39,58 +43,37 @@ t = time.perf_counter(); out = th.generate(input_ids=ids, attention_mask=torch.o
 print(f"generated {out[0, ids.shape[1]:].tolist()} in {time.perf_counter() - t:.1f} s")
 PY
       ;;
-    baseline)
-      python3 -m omniedge.bench.baseline_hf $W/full-int4 --random-weights --device cuda --dtype bfloat16 \
-        --contexts 512 4096 --new-tokens 32 --runs 2 > $OUT/baseline_grouped.json 2> $OUT/baseline.err; tail -3 $OUT/baseline.err
-      python3 -m omniedge.bench.baseline_hf $W/full-int4 --random-weights --device cuda --dtype bfloat16 \
-        --contexts 512 --new-tokens 32 --runs 2 --experts batched_mm > $OUT/baseline_batched.json 2>> $OUT/baseline.err
-      python3 -c "import json,sys; [print(f, [(c['context'], c['token_ms'].get('p50'), c['ttft_ms'].get('mean')) for c in json.load(open(f))['contexts']]) for f in sys.argv[1:]]" $OUT/baseline_*.json ;;
-    install-ort)
-      mkdir -p /root/acc && cp .gpuwheels/part* /root/acc/ 2>/dev/null
-      if [ -f .gpuwheels/NAME ]; then w=/root/acc/$(cat .gpuwheels/NAME); cat /root/acc/part* > $w && \
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site $w && \
-        python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"; fi ;;
-    report)
-      python3 -c "import onnxruntime as o; o.preload_dlls()" && \
-      python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 --new-tokens 128 \
-        --runs 3 --profile --json $OUT/full-report.json 2>&1 | tail -40 ;;
-    fused)  # the same weights, q/k RMSNorm inside GroupQueryAttention: equal logits? faster?
-      python3 - <<'PY' 2>&1 | tee $OUT/fused.log | tail -12
-import json, os, shutil, numpy as np
-from pathlib import Path
-from omniedge.export.thinker_ort import Options, export_thinker_ort
-from omniedge.weights import SafetensorsDir
-src, a, b = Path("/root/work/full-int4"), Path("/root/work/full-bundle"), Path("/root/work/full-bundle-fusedqk")
-b.mkdir(exist_ok=True)
-for f in a.iterdir():
-    if f.name not in ("thinker.onnx", "manifest.json") and not (b / f.name).exists():
-        os.link(f, b / f.name)
-m = json.loads((a / "manifest.json").read_text())
-cfg = json.loads((src / "config.json").read_text())
-export_thinker_ort(SafetensorsDir(src), cfg, b / "thinker.onnx", m["text"]["num_deepstack"],
-                   Options(dtype="float16", fused_qk_norm=True), progress=False, data_of=a / "thinker.onnx")
-from omniedge.export.onnx_io import component_record
-m["components"]["thinker"] = component_record(b / "thinker.onnx", b)
-m["thinker_graph"].update(fused_qk_norm=True, providers=["CUDAExecutionProvider"])
-(b / "manifest.json").write_text(json.dumps(m))
-from omniedge.runtime.app import Omni
-outs = []
-for d in (a, b):
-    o = Omni.load(d, providers="cuda", max_context=1024)
-    rng = np.random.default_rng(0); ids = rng.integers(0, o.embed_table.shape[0], 256)
-    x = np.asarray(o.embed_table[ids], np.float32)[None]
-    first = o.thinker.prefill(x, np.broadcast_to(np.arange(256), (3, 256)), np.zeros((3, 1, 256, x.shape[-1]), np.float32))
-    l1 = first.logits(); l2 = o.thinker.decode(o.embed_table[first.greedy()], 256).logits()
-    outs.append((l1, l2)); o.close()
-for k, name in enumerate(("prefill", "decode")):
-    r, f = outs[0][k], outs[1][k]
-    print(name, "fused vs separate: max|diff|/max|ref|", float(np.abs(f - r).max() / np.abs(r).max()), "argmax", int(r.argmax()), int(f.argmax()))
+    export)
+      python3 - <<'PY' 2>&1 | tee $OUT/export.log | grep -v Warn | tail -12
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call([sys.executable, "-m", "omniedge", "export", "/root/work/full-int4", "-o", "/root/work/full-bundle", "--device", "cuda"])
+r = {"rc": rc, "wall_s": round(time.perf_counter() - t, 1), "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+print(json.dumps(r)); json.dump(r, open("/root/work/export-run.json", "w"))
 PY
-      python3 -m omniedge.bench.thinker_report /root/work/full-bundle-fusedqk --providers cuda --contexts 512 --new-tokens 64 \
-        --runs 2 --json $OUT/fused-report.json 2>&1 | tail -8 ;;
+      cp $W/export-run.json $OUT/ 2>/dev/null; cp $W/full-bundle/manifest.json $OUT/full-bundle.manifest.json 2>/dev/null
+      ls -la $W/full-bundle ;;
+    install-ort)
+      cp .gpuwheels/part* /root/acc/ 2>/dev/null
+      w=/root/acc/$(cat .gpuwheels/NAME) && cat /root/acc/part* > $w &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site $w &&
+        python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())" ;;
     parity)
-      python3 -m omniedge.bench.parity check bench/h200/data/mini-gpu bench/h200/data/ref.npz --providers cuda \
-        --json $OUT/parity.json 2>&1 | tail -5 ;;
+      python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda --json $OUT/parity.json 2>&1 | tail -3 ;;
+    report)
+      timeout 560 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
+        --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -30 ;;
+    report-nograph)
+      timeout 300 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 --new-tokens 64 \
+        --runs 2 --no-cuda-graph --json $OUT/full-report-nograph.json 2>&1 | grep -v Warn | tail -12 ;;
+    baseline)
+      timeout 400 python3 -m omniedge.bench.baseline_hf $W/full-int4 --random-weights --device cuda --dtype bfloat16 \
+        --contexts 512 4096 --new-tokens 16 --runs 1 > $OUT/baseline.json 2> $OUT/baseline.err; tail -3 $OUT/baseline.err
+      python3 -c "import json; r=json.load(open('$OUT/baseline.json')); print([(c['context'], c['token_ms'].get('p50'), c['ttft_ms'].get('mean')) for c in r['contexts']], r['peak_gpu_mib'])" ;;
+    fused)  # the same weights, q/k RMSNorm inside GroupQueryAttention: equal logits? faster?
+      timeout 400 python3 bench/h200/fused_variant.py $W/full-int4 $W/full-bundle $W/full-bundle-fusedqk 2>&1 | tee $OUT/fused.log | tail -6
+      timeout 200 python3 -m omniedge.bench.thinker_report $W/full-bundle-fusedqk --providers cuda --contexts 512 \
+        --new-tokens 64 --runs 2 --json $OUT/fused-report.json 2>&1 | grep -v Warn | tail -8 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
