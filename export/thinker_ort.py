@@ -312,6 +312,9 @@ class ThinkerBuilder:
                 "export --flavour portable",
             )
         attrs["expert_weight_bits"] = 4
+        # raw [E, N, K/2] initializers: the CUDA provider lays them out for its kernels at load (PrePack); its
+        # default (-1) means "already in the CUDA layout", which silently computes garbage on raw weights
+        attrs["weights_prepacked"] = 0
         if blocked1:
             attrs["block_size"] = g
         y = self.b.op(

@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/root/work
 mkdir -p "$W" "$OUT" /root/site
-export PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . >/dev/null 2>&1 \
   || echo "omniedge install failed"
@@ -60,6 +60,8 @@ PY
       w=/root/acc/$(cat .gpuwheels/NAME) && cat /root/acc/part* > $w &&
         python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site $w &&
         python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())" ;;
+    diag)  # CPU vs CUDA provider, node by node, on omni-mini's float16 thinker
+      python3 bench/h200/diag_ops.py $W/mini/mini-gpu/thinker.onnx 2>&1 | grep -v "GEMM config" | tail -14 ;;
     parity)
       python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda --json $OUT/parity.json 2>&1 | tail -3 ;;
     report)
