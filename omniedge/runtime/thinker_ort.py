@@ -135,6 +135,8 @@ class OrtThinker:
     def _run(self, io: Any, opts: Any) -> StepOutput:
         try:
             self.session.run_with_iobinding(io, opts)
+            # a replayed CUDA graph returns before the device finishes: wait before anyone reads an output
+            io.synchronize_outputs()
         except Exception as e:  # onnxruntime raises its own exception types
             raise OmniedgeError(
                 f"the thinker graph failed: {str(e).splitlines()[0]}",
