@@ -183,7 +183,9 @@ class OrtThinker:
         self.d_embeds.update_inplace(np.asarray(embed_row, dtype=self.dtype).reshape(1, 1, self.hidden))
         self.d_position.update_inplace(np.array([[position]], np.int64))
         self.d_seqlens.update_inplace(np.array([self.cache_len], np.int32))  # total length - 1
-        self.d_total.update_inplace(np.array(self.cache_len + 1, np.int32))
+        # the buffer length, not the tokens so far: host-side attention parameters derived from it are then the
+        # same at every step, as a captured CUDA graph needs (seqlens_k carries the real length on the device)
+        self.d_total.update_inplace(np.array(self.max_context, np.int32))
         out = self._run(self._decode, self._decode_opts)
         self.cache_len += 1
         return out
