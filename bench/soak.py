@@ -6,7 +6,8 @@ flat (the slope of the server's RSS over the run); reports p50/p99 latency and t
     python3 -m omniedge.bench.soak --requests 500 --threads 8 --json bench/results/soak.json
 
 The budget is the least the bundle needs for `--max-context` tokens, as a first server measures it (its
-plan's peak bound): below what every engine resident at once would take, so encoders evict each other.
+plan's peak bound): below what every engine resident at once would take, so the encoders cannot both stay
+resident while the longest audio the context takes runs (one of the requests), and evict each other.
 """
 
 from __future__ import annotations
@@ -53,10 +54,23 @@ def _wav(x: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def mixed_requests(max_tokens: int = 16) -> list[dict[str, Any]]:
-    """16 distinct requests: text, image, audio and image+audio, greedy and seeded sampling."""
+def longest_audio_seconds(bundle: Path, max_context: int) -> float:
+    """Whole seconds of the longest audio whose request fits `max_context` tokens (the audio tokens, about
+    13 a second, plus 40 for the prompt and answer), at most what the bundle takes."""
+    from omniedge.runtime.manifest import load_manifest
+
+    m = load_manifest(bundle)
+    assert m.audio is not None, "the soak needs a bundle with an audio encoder"
+    per_second = m.position_id_per_seconds or 13
+    return float(min(m.audio.max_seconds, (max_context - 40) // per_second))
+
+
+def mixed_requests(max_tokens: int = 16, longest_audio_s: float = 20.0) -> list[dict[str, Any]]:
+    """16 distinct requests: text, image, audio and image+audio, greedy and seeded sampling; one of them
+    with audio of `longest_audio_s` seconds."""
     img = [_png(bench_image(96, seed=s)) for s in range(3)]
-    aud = {s: _wav(bench_audio(s, seed=int(s))) for s in (2.0, 5.0, 8.0, 20.0)}
+    aud = {s: _wav(bench_audio(s, seed=int(s))) for s in (2.0, 5.0, 8.0)}
+    longest = _wav(bench_audio(longest_audio_s, seed=20))
 
     def req(text: str, image: str | None = None, audio: str | None = None, **kw: Any) -> dict[str, Any]:
         parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
@@ -81,7 +95,7 @@ def mixed_requests(max_tokens: int = 16) -> list[dict[str, Any]]:
         req("What is in the image?", img[2], temperature=0.7, seed=3),
         req("What was said?", audio=aud[2.0]),
         req("Transcribe the audio.", audio=aud[8.0]),
-        req("What did the person ask?", audio=aud[20.0]),
+        req("What did the person ask?", audio=longest),
         req("Summarise the recording.", audio=aud[5.0], temperature=0.9, seed=2),
         req("Answer the spoken question about the image.", img[0], aud[2.0]),
         req("What do you see and hear?", img[1], aud[5.0]),
@@ -179,7 +193,7 @@ def run_soak(bundle: Path, requests: int = 500, threads: int = 8, max_context: i
     """The soak; returns the report (see the module docstring for what it checks)."""
     import httpx
 
-    bodies = mixed_requests()
+    bodies = mixed_requests(longest_audio_s=longest_audio_seconds(bundle, max_context))
     expected = references(bundle, bodies)  # also measures the engines once (memory.json)
     probe = ServerProcess(bundle, "90%", max_context, 4)
     try:

@@ -28,7 +28,9 @@ from omniedge.runtime.memory import (
     read_meminfo,
     system_used_bytes,
 )
-from omniedge.runtime.plan import BudgetError, kv_bytes_per_token, plan_memory
+from omniedge.runtime.plan import ENGINES, BudgetError, kv_bytes_per_token, plan_memory
+from omniedge.runtime.preprocess import audio_chunks, log_mel
+from omniedge.runtime.scheduler import run_size
 
 MiB = 2**20
 
@@ -129,6 +131,47 @@ def test_a_budget_too_small_is_refused_with_the_bytes_needed(omni_mini_bundle: P
         plan_memory(m, 300 * MiB, 100 * MiB, _costs(), max_context=2048)  # asked more than fits: say so
 
 
+def test_a_runs_expected_cost_grows_with_its_size_above_a_floor() -> None:
+    c = EngineCost.from_weights(10 * MiB)
+    c.observe_run(400, grew=40 * MiB, retained=2 * MiB, floor=64)  # the first run replaces the estimates
+    assert c.retained_bytes == 2 * MiB and c.run_bytes == 0  # what stayed is the engine's, not the run's
+    assert c.expected_run(400, 64) == 38 * MiB and c.expected_run(800, 64) == 76 * MiB
+    assert c.expected_run(10, 64) == c.expected_run(64, 64)  # a short run costs at most what the floor does
+    c.observe_run(1, grew=8 * MiB, retained=None, floor=64)  # a decode step above the floor's share
+    assert c.expected_run(1, 64) == 8 * MiB and c.expected_run(400, 64) == 38 * MiB
+    c.observe_run(200, grew=1 * MiB, retained=0, floor=64)  # a smaller measurement never lowers it
+    assert c.expected_run(400, 64) == 38 * MiB and c.largest_run == 400
+
+
+def test_the_least_budget_is_what_the_schedulers_arithmetic_needs(omni_mini_bundle: Path) -> None:
+    m = load_manifest(omni_mini_bundle)
+    assert m.audio is not None
+    ctx, base = 512, 100 * MiB
+    costs = {  # as omni-mini measures them: the audio encoder's run is the largest
+        "thinker": EngineCost(17 * MiB, 20 * MiB, 0, 2 * MiB, 30 * 1024, measured=True),
+        "vision": EngineCost(14 * MiB, 14 * MiB, 0, 0, 15 * 1024, measured=True),
+        "audio": EngineCost(14 * MiB, 14 * MiB, 0, 1 * MiB, 130 * 1024, measured=True),
+    }
+    need = plan_memory(m, 8 * 2**30, base, costs, max_context=ctx).need(ctx)
+    plan = plan_memory(m, need, base, costs, max_context=ctx)
+    # The largest runs the plan covers are what preprocessing makes of the largest inputs the runtime takes.
+    a = m.audio
+    longest = audio_chunks(log_mel(np.zeros(int(a.max_seconds * a.sampling_rate), np.float32)), a.n_window)
+    inputs = {"valid_indices": longest.valid_indices, "padded_features": longest.padded_features}
+    assert plan.largest_run("audio", ctx) == run_size("audio", inputs) == longest.num_tokens
+    assert plan.largest_run("thinker", ctx) == ctx
+    # Every engine loads and runs its largest input beside the pinned ones in what the budget leaves to
+    # engines: the check the scheduler makes before each run.
+    for e in ENGINES:
+        assert plan.engines_bytes(plan.pinned, e, plan.largest_run(e, ctx), ctx) <= plan.engine_room()
+    # The encoders cannot both stay while the longest audio runs; a short one leaves room for both.
+    assert plan.engines_bytes(ENGINES, "audio", longest.num_tokens, ctx, loading=False) > plan.engine_room()
+    assert plan.engines_bytes(ENGINES, "audio", 26, ctx, loading=False) <= plan.engine_room()
+    assert need < plan.all_resident_bytes(ctx)
+    with pytest.raises(BudgetError, match="fits"):
+        plan_memory(m, need - 1, base, costs, max_context=ctx)
+
+
 def test_info_prints_the_plan_and_refuses_a_budget_below_the_smallest_engine(
     fresh_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -206,13 +249,42 @@ def test_a_tight_budget_evicts_and_answers_stay_the_same(fresh_bundle: Path) -> 
     assert got == expected * 3
 
 
+def test_evictions_follow_the_plans_arithmetic_not_the_heap(fresh_bundle: Path) -> None:
+    omni = Omni.load(fresh_bundle, memory_budget="4GiB", max_context=400)  # measures, records
+    s = omni.scheduler
+    try:
+        assert omni.manifest.audio is not None
+        s.set_budget(s.plan.need(400))  # the encoders fit together, except while the longest audio runs
+        pixels = omni.preprocess("", image=_image()).pixel_values
+        short = omni.preprocess("", audio=_audio(2.0)).chunks
+        longest = omni.preprocess("", audio=_audio(omni.manifest.audio.max_seconds)).chunks
+        assert pixels is not None and short is not None and longest is not None
+        for _ in range(3):
+            omni.encode_image(pixels)
+            omni.encode_audio(short)
+        assert sum(s.stats.evictions.values()) == 0 and set(s.resident()) == {"thinker", "vision", "audio"}
+        for i in range(1, 3):
+            omni.encode_image(pixels)
+            omni.encode_audio(longest)  # the audio encoder takes it (the context is the thinker's)
+            assert s.stats.evictions == {"vision": i} and set(s.resident()) == {"thinker", "audio"}
+        assert s.stats.over_budget == 0
+    finally:
+        omni.close()
+
+
 def test_the_context_shrinks_with_the_budget_and_a_longer_prompt_is_refused(fresh_bundle: Path) -> None:
+    Omni.load(fresh_bundle, memory_budget="4GiB").close()  # the first start measures and records
+    # Planned from the record, in a process that has already loaded ONNX Runtime's code (the first load
+    # brings it into memory, and every later load counts it in its base), as the next load will be.
     roomy = Omni.load(fresh_bundle, memory_budget="4GiB")
     plan = roomy.scheduler.plan
     roomy.close()
-    budget = plan.need(300)  # room for about 300 tokens
+    # Room for about 1000 tokens. omni-mini's KV cache is 2 KiB a token, so the context moves by 512 tokens
+    # per MiB of base that this process holds more or less at the next load.
+    budget = plan.need(1000)
     omni = Omni.load(fresh_bundle, memory_budget=budget)
     try:
+        assert omni.scheduler.stats.runs.total() == 0  # planned from the record
         assert 256 <= omni.max_context < plan.max_context
         with pytest.raises(OmniedgeError, match="context"):
             omni.chat("word " * (omni.max_context + 10), max_new_tokens=2)
