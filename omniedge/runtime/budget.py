@@ -86,7 +86,7 @@ def _prompt_of(omni: Omni, tokens: int, at_least: bool) -> str:
 def _probe(omni: Omni) -> None:
     """Run every engine at the ends of what the plan assumes (see the module docstring). The largest runs
     go first, as a request right after a load gets them (a first run sets up buffers), and twice: the peak
-    of the same run varies by up to a fifth on a CPU (thread timing), and the largest seen counts."""
+    of the same run varies from one run to the next (thread timing, the heap), and the largest seen counts."""
     m = omni.manifest
     longest = _prompt_of(omni, omni.max_context - 1, at_least=False)
     shortest = _prompt_of(omni, min(THINKER_FLOOR, omni.max_context - 1), at_least=True)

@@ -31,6 +31,7 @@ ENGINES = ("thinker", "vision", "audio")  # the thinker runs for every request; 
 MIN_CONTEXT = 256  # a budget must fit at least this many tokens (or the model's whole context if shorter)
 DEFAULT_HEADROOM = 32 * 2**20  # kept free for what is not an engine: request bodies, decoded media, Python
 THINKER_FLOOR = 64  # prompt tokens below which a prefill's memory is dominated by fixed costs
+_UNITS = {"thinker": "tokens", "vision": "patches", "audio": "audio tokens"}  # what a run's size counts
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "uint8": 1}
 
 
@@ -157,6 +158,12 @@ class Plan:
             ),
             f"  context    {self.max_context} tokens of {self.model_context}: KV cache {mib(kv * self.max_context)}"
             f" ({kv} bytes per token)",
+            "  runs       up to "
+            + ", ".join(
+                f"{e} {self.largest_run(e, self.max_context):g} {_UNITS[e]} "
+                f"({mib(self.run_bytes(e, self.largest_run(e, self.max_context)))})"
+                for e in self.costs
+            ),
             f"  peak       at most {mib(self.need(self.max_context))}; every engine resident at once would take "
             f"{mib(self.all_resident_bytes(self.max_context))}",
         ]

@@ -160,11 +160,11 @@ class Scheduler:
                 trimmed = True
                 continue
             if not victims:
-                now = self.meter.current()
+                now, kept_free = self.meter.current(), mib(plan.headroom_bytes // 4)
+                what = f"{name} needs {mib(need)} more memory; " if name is not None else ""
                 raise BudgetError(
-                    f"{name} needs {mib(need)} more memory; {mib(now)} is in use and the budget is "
-                    f"{mib(plan.budget)} ({mib(plan.headroom_bytes // 4)} of it kept free), with nothing "
-                    "left to evict",
+                    f"{what}{mib(now)} is in use and the budget is {mib(plan.budget)} ({kept_free} of it "
+                    "kept free), with nothing left to evict",
                     "raise --memory-budget, pin fewer engines, or send a shorter request",
                 )
             self._unload(victims[0], evicted=True)
