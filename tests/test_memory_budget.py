@@ -131,16 +131,19 @@ def test_a_budget_too_small_is_refused_with_the_bytes_needed(omni_mini_bundle: P
         plan_memory(m, 300 * MiB, 100 * MiB, _costs(), max_context=2048)  # asked more than fits: say so
 
 
-def test_a_runs_expected_cost_grows_with_its_size_above_a_floor() -> None:
+def test_a_runs_expected_cost_is_its_size_times_the_rate_of_long_runs() -> None:
     c = EngineCost.from_weights(10 * MiB)
-    c.observe_run(400, grew=40 * MiB, retained=2 * MiB, floor=64)  # the first run replaces the estimates
+    c.observe_run(400, grew=40 * MiB, retained=2 * MiB, short_below=64, rate_from=200)  # replaces estimates
     assert c.retained_bytes == 2 * MiB and c.run_bytes == 0  # what stayed is the engine's, not the run's
-    assert c.expected_run(400, 64) == 38 * MiB and c.expected_run(800, 64) == 76 * MiB
-    assert c.expected_run(10, 64) == c.expected_run(64, 64)  # a short run costs at most what the floor does
-    c.observe_run(1, grew=8 * MiB, retained=None, floor=64)  # a decode step above the floor's share
-    assert c.expected_run(1, 64) == 8 * MiB and c.expected_run(400, 64) == 38 * MiB
-    c.observe_run(200, grew=1 * MiB, retained=0, floor=64)  # a smaller measurement never lowers it
-    assert c.expected_run(400, 64) == 38 * MiB and c.largest_run == 400
+    assert c.expected_run(400) == 38 * MiB and c.expected_run(800) == 76 * MiB
+    # A mid-size run does not set the rate: 3 MiB another thread allocated meanwhile would come out as
+    # 30 KiB a token, 12 MiB more at 400 tokens.
+    c.observe_run(100, grew=3 * MiB + 100 * 97 * 1024, retained=0, short_below=64, rate_from=200)
+    assert c.expected_run(400) == 38 * MiB
+    c.observe_run(1, grew=3 * MiB, retained=None, short_below=64, rate_from=200)  # a decode step
+    assert c.expected_run(1) == 3 * MiB and c.expected_run(400) == 38 * MiB  # a short run's fixed cost
+    c.observe_run(300, grew=1 * MiB, retained=0, short_below=64, rate_from=200)  # never lowers the rate
+    assert c.expected_run(400) == 38 * MiB and c.largest_run == 400 and c.runs == 4
 
 
 def test_the_least_budget_is_what_the_schedulers_arithmetic_needs(omni_mini_bundle: Path) -> None:

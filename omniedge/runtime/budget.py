@@ -1,11 +1,11 @@
 """Loading an `Omni` under a memory budget: plan, measure what was never measured, plan again, start.
 
-The first start on a machine measures every engine at the two ends of what the plan assumes: the thinker
-with a prompt at the floor of its per-token rate (64 tokens) and one of the whole context, the vision
-encoder with one image, the audio encoder with one chunk (1 s) and the longest audio the runtime takes,
-under the budget's live checks, and records the numbers in BUNDLE/memory.json. Later starts plan from
-those numbers at once, and measure again only when the context they plan for is longer than any prompt
-measured (a run's cost is extrapolated only within what was measured).
+The first start on a machine measures every engine at the largest run the plan assumes and at a short
+one: the thinker with a prompt of the whole context and one of 32 tokens, the vision encoder with one
+image, the audio encoder with the longest audio the runtime takes (30 s) and half a second, under the
+budget's live checks, and records the numbers in BUNDLE/memory.json. Later starts plan from those numbers
+at once, and measure again only when the context they plan for is longer than any prompt measured (a
+run's cost is not extrapolated past what was measured).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from omniedge.runtime.memory import (
     free_bytes,
     parse_budget,
     release_freed_memory,
+    tune_malloc_for_serving,
 )
 from omniedge.runtime.plan import DEFAULT_HEADROOM, THINKER_FLOOR, Plan, plan_memory
 from omniedge.runtime.scheduler import Scheduler
@@ -72,38 +73,41 @@ def plan_for(
     return plan, store
 
 
-def _prompt_of(omni: Omni, tokens: int, at_least: bool) -> str:
-    """A text prompt whose request is `tokens` tokens long, or the nearest above (`at_least`) or below."""
+def _prompt_of(omni: Omni, tokens: int) -> str:
+    """A text prompt whose request is `tokens` tokens long, or the nearest below (at least the template)."""
     count = lambda k: len(omni.preprocess(_PROBE_WORD * k).prompt.ids)  # noqa: E731
     lo, hi = 0, tokens
-    while lo < hi:  # the fewest words whose prompt reaches `tokens` (count grows with the words)
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if count(mid) < tokens else (lo, mid)
-    k = lo if at_least or count(lo) == tokens else max(0, lo - 1)
-    return _PROBE_WORD * k
+    while lo < hi:  # the most words whose prompt stays within `tokens` (count grows with the words)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(mid) <= tokens else (lo, mid - 1)
+    return _PROBE_WORD * lo
+
+
+def probe_sizes(short_below: float, largest: float) -> list[float]:
+    """The sizes a probe runs, in its order: the largest twice, first right after the load (as a request
+    after a load gets it: a first run sets up buffers) and again (the peak of the same run varies from one
+    run to the next); they set the rate. Then a short run (half the size below which runs are short),
+    for the fixed costs that a short run's size does not cover."""
+    return [largest, largest, *([short_below / 2] if short_below / 2 < largest else [])]
 
 
 def _probe(omni: Omni) -> None:
-    """Run every engine at the ends of what the plan assumes (see the module docstring). The largest runs
-    go first, as a request right after a load gets them (a first run sets up buffers), and twice: the peak
-    of the same run varies from one run to the next (thread timing, the heap), and the largest seen counts."""
+    """Run every engine at the sizes `probe_sizes` gives (see the module docstring)."""
     m = omni.manifest
-    longest = _prompt_of(omni, omni.max_context - 1, at_least=False)
-    shortest = _prompt_of(omni, min(THINKER_FLOOR, omni.max_context - 1), at_least=True)
-    for prompt in (longest, longest, shortest):
-        omni.chat(prompt, max_new_tokens=2)  # a prefill, then one decode step
+    for tokens in probe_sizes(THINKER_FLOOR, omni.max_context - 1):
+        omni.chat(_prompt_of(omni, int(tokens)), max_new_tokens=2)  # a prefill, then one decode step
     if m.image is not None:
         h, w = m.image.size
         y, x = np.mgrid[0 : 2 * h, 0 : 2 * w]
         image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
         pixels = omni.preprocess("", image=image).pixel_values
         assert pixels is not None
-        for _ in range(2):
+        for _ in range(2):  # every image has the one size the graph was built for
             omni.encode_image(pixels)
     if m.audio is not None:
         a = m.audio
-        one_chunk = 2 * a.n_window * a.hop_length / a.sampling_rate
-        for seconds in (a.max_seconds, a.max_seconds, one_chunk):
+        chunk_s = 2 * a.n_window * a.hop_length / a.sampling_rate  # 1 s: shorter audio is short
+        for seconds in probe_sizes(chunk_s, a.max_seconds):
             t = np.arange(int(seconds * a.sampling_rate)) / a.sampling_rate
             wav = (0.2 * np.sin(2 * np.pi * (120 + 40 * np.sin(t)) * t)).astype(np.float32)
             chunks = omni.preprocess("", audio=(wav, a.sampling_rate)).chunks
@@ -134,6 +138,9 @@ def load_with_budget(
     """An Omni whose engines run through a Scheduler; BudgetError at once when the budget cannot work."""
     providers = _providers(backends)
     meter = meter or default_meter(providers)
+    # Large blocks mapped on their own, so what a run frees goes back at once and a run's peak does not
+    # depend on how fragmented the heap is (`omniedge serve` has done this already, before its threads).
+    tune_malloc_for_serving()
     release_freed_memory()  # what the process really holds, not what malloc kept of earlier work
     base = meter.current() + int(embed.nbytes)  # the embedding table is mapped: count it whole
     plan, store = plan_for(m, budget, list(backends), providers, meter, base, pins, max_context, headroom)

@@ -30,7 +30,7 @@ from omniedge.runtime.preprocess import num_audio_tokens
 ENGINES = ("thinker", "vision", "audio")  # the thinker runs for every request; encoders for their media
 MIN_CONTEXT = 256  # a budget must fit at least this many tokens (or the model's whole context if shorter)
 DEFAULT_HEADROOM = 32 * 2**20  # kept free for what is not an engine: request bodies, decoded media, Python
-THINKER_FLOOR = 64  # prompt tokens below which a prefill's memory is dominated by fixed costs
+THINKER_FLOOR = 64  # prompt tokens below which a prefill is short: its fixed costs dominate its memory
 _UNITS = {"thinker": "tokens", "vision": "patches", "audio": "audio tokens"}  # what a run's size counts
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2, "float8": 1, "int8": 1, "uint8": 1}
 
@@ -54,12 +54,13 @@ def kv_bytes_per_token(m: Manifest) -> int:
 
 
 def run_units(m: Manifest) -> tuple[dict[str, float], dict[str, float]]:
-    """Per encoder, the largest run it gets and the floor below which a run costs as much as one of the
-    floor's size, in the units the scheduler measures runs in (scheduler.run_size): image patches (every
-    image is resized to the one size the graph was built for) and audio tokens (the runtime takes at most
-    `max_seconds`; log-mel has one frame per hop; the floor is one full chunk of `2 * n_window` frames)."""
+    """Per encoder, the largest run it gets, and per engine the size below which a run is short (its
+    fixed costs dominate), in the units the scheduler measures runs in (scheduler.run_size): prompt
+    tokens, image patches (every image is resized to the one size the graph was built for) and audio
+    tokens (the runtime takes at most `max_seconds`; log-mel has one frame per hop; a full chunk of
+    `2 * n_window` frames, 1 s, is the shortest audio that is not short)."""
     largest: dict[str, float] = {}
-    floors: dict[str, float] = {"thinker": THINKER_FLOOR}
+    short_below: dict[str, float] = {"thinker": THINKER_FLOOR}
     if m.image is not None:
         t, h, w = m.image.grid_thw
         largest["vision"] = float(t * h * w)
@@ -67,8 +68,8 @@ def run_units(m: Manifest) -> tuple[dict[str, float], dict[str, float]]:
         a = m.audio
         frames = int(a.max_seconds * a.sampling_rate) // a.hop_length
         largest["audio"] = float(num_audio_tokens(frames, a.n_window))
-        floors["audio"] = float(num_audio_tokens(2 * a.n_window, a.n_window))
-    return largest, floors
+        short_below["audio"] = float(num_audio_tokens(2 * a.n_window, a.n_window))
+    return largest, short_below
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Plan:
     costs: dict[str, EngineCost]
     meter: str
     largest_runs: dict[str, float] = field(default_factory=dict)  # encoders: the largest run (units)
-    floors: dict[str, float] = field(default_factory=dict)  # per engine: see run_units
+    short_below: dict[str, float] = field(default_factory=dict)  # per engine: see run_units
     arenas: bool = False  # runs keep what they grew (a GPU provider's device arena does not shrink)
 
     def fixed_bytes(self) -> int:
@@ -102,7 +103,11 @@ class Plan:
 
     def run_bytes(self, engine: str, size: float) -> int:
         """Growth expected while `engine` runs `size` units (the one model the plan and scheduler share)."""
-        return self.costs[engine].expected_run(size, self.floors.get(engine, 0.0))
+        return self.costs[engine].expected_run(size)
+
+    def rate_from(self, engine: str) -> float:
+        """Runs at least this long set an engine's rate (footprints.py): half the largest it gets here."""
+        return max(self.short_below.get(engine, 0.0), self.largest_run(engine, self.max_context) / 2)
 
     def resident_bytes(self, engine: str, context: int) -> int:
         """An engine loaded, with what its runs leave (and, where arenas keep it, its largest run)."""
@@ -211,7 +216,7 @@ def plan_memory(
     cap = model_context if max_context is None else min(max_context, model_context)
     if cap < 1:
         raise OmniedgeError(f"max_context must be >= 1, got {max_context}", "omit it to fit the budget")
-    largest, floors = run_units(m)
+    largest, short_below = run_units(m)
     plan = Plan(
         budget=budget,
         base_bytes=base_bytes,
@@ -224,7 +229,7 @@ def plan_memory(
         costs={e: costs[e] for e in engines},
         meter=meter,
         largest_runs=largest,
-        floors=floors,
+        short_below=short_below,
         arenas=arenas,
     )
     floor = min(MIN_CONTEXT, cap)

@@ -231,8 +231,9 @@ class Scheduler:
                 if trim:
                     release_freed_memory()
                     retained = max(0, self.meter.current() - before)
-                floor = self.plan.floors.get(name, 0.0)
-                self.costs[name].observe_run(size, max(0, peak - before), retained, floor)
+                short_below = self.plan.short_below.get(name, 0.0)
+                rate_from = self.plan.rate_from(name)
+                self.costs[name].observe_run(size, max(0, peak - before), retained, short_below, rate_from)
                 self.stats.runs[name] += 1
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
