@@ -181,6 +181,7 @@ def test_info_prints_the_plan_and_refuses_a_budget_below_the_smallest_engine(
     assert main(["info", str(fresh_bundle), "--memory-budget", "2GiB"]) == 0
     out = capsys.readouterr().out
     assert "resident   thinker" in out and "on demand  vision" in out and "context" in out
+    assert "runs       up to thinker 2048 tokens" in out and "audio 390 audio tokens" in out  # 30 s
     assert "not measured here yet" in out  # a fresh bundle: weight files until the first start
     smallest = min(load_manifest(fresh_bundle).components[n].weight_bytes for n in ("vision", "audio"))
     assert main(["info", str(fresh_bundle), "--memory-budget", str(smallest - 1)]) == 2
