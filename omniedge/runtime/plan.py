@@ -8,8 +8,9 @@ loads and runs the largest input it accepts: a prompt of the whole context throu
 image through the vision encoder, the longest audio the runtime takes through the audio encoder.
 
 The scheduler (scheduler.py) decides residency with the same arithmetic (`engines_bytes`), so the least
-budget for a context, `need(context)`, is exactly one under which every request that fits the context
-runs, evicting unpinned engines where they do not all fit; its meter then checks the real memory.
+budget for a context, `need(context)`, is one under which every request that fits the context runs at
+the costs measured so far, evicting unpinned engines where they do not all fit; its meter then checks
+the real memory.
 On the CPU, ONNX Runtime's arena is off under a budget and the heap is handed back after each run, so a
 run's growth is gone once it ends; with a GPU provider the device arena keeps it (`arenas`), so every
 engine is planned with its largest run kept as well.
