@@ -173,6 +173,14 @@ def test_the_least_budget_is_what_the_schedulers_arithmetic_needs(omni_mini_bund
     assert need < plan.all_resident_bytes(ctx)
     with pytest.raises(BudgetError, match="fits"):
         plan_memory(m, need - 1, base, costs, max_context=ctx)
+    # Where runs keep what they grew (a GPU provider's arena), each engine is planned with its largest run.
+    kept = plan_memory(m, 8 * 2**30, base, costs, max_context=ctx, arenas=True)
+    for e in ENGINES:
+        largest = kept.run_bytes(e, kept.largest_run(e, ctx))
+        assert kept.resident_bytes(e, ctx) == plan.resident_bytes(e, ctx) - costs[e].retained_bytes + max(
+            costs[e].retained_bytes, largest
+        )
+    assert kept.need(ctx) > need
 
 
 def test_info_prints_the_plan_and_refuses_a_budget_below_the_smallest_engine(
