@@ -5,8 +5,12 @@ flat (the slope of the server's RSS over the run); reports p50/p99 latency and t
 
     python3 -m omniedge.bench.soak --requests 500 --threads 8 --json bench/results/soak.json
 
-The budget is the least the bundle needs for `--max-context` tokens, as a first server measures it (its
-plan's peak bound): below what every engine resident at once would take, so encoders evict each other.
+The server runs with `--max-context` tokens and a budget of the least the bundle needs for them, as a
+first server measures it (its plan's peak bound), plus `BASE_ALLOWANCE`: the soak's server is another
+process, whose own memory before any engine differs from the first one's by up to a few hundred KiB
+(seen here), and without the allowance that alone could make it refuse the context. The budget stays
+below what every engine resident at once would take, so the encoders cannot both stay resident while
+the longest audio the context takes runs (one of the requests), and evict each other.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import numpy as np
 from omniedge.bench.inputs import bench_audio, bench_image
 
 MODEL = "omni-mini"
-LONG_TEXT = "Tell me what a robot in a busy kitchen should watch out for, and why, in order. " * 12
+BASE_ALLOWANCE = 2**20  # bytes added to the first server's least budget (see the module docstring)
+# About 225 tokens with omni-mini's chat template: within the least context a budget is planned for (256).
+LONG_TEXT = "Tell me what a robot in a busy kitchen should watch out for, and why, in order. " * 8
 
 
 def _png(a: np.ndarray) -> str:
@@ -53,10 +59,23 @@ def _wav(x: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def mixed_requests(max_tokens: int = 16) -> list[dict[str, Any]]:
-    """16 distinct requests: text, image, audio and image+audio, greedy and seeded sampling."""
+def longest_audio_seconds(bundle: Path, max_context: int) -> float:
+    """Whole seconds of the longest audio whose request fits `max_context` tokens (the audio tokens, about
+    13 a second, plus 40 for the prompt and answer), at most what the bundle takes."""
+    from omniedge.runtime.manifest import load_manifest
+
+    m = load_manifest(bundle)
+    assert m.audio is not None, "the soak needs a bundle with an audio encoder"
+    per_second = m.position_id_per_seconds or 13
+    return float(min(m.audio.max_seconds, (max_context - 40) // per_second))
+
+
+def mixed_requests(max_tokens: int = 16, longest_audio_s: float = 20.0) -> list[dict[str, Any]]:
+    """16 distinct requests: text, image, audio and image+audio, greedy and seeded sampling; one of them
+    with audio of `longest_audio_s` seconds."""
     img = [_png(bench_image(96, seed=s)) for s in range(3)]
-    aud = {s: _wav(bench_audio(s, seed=int(s))) for s in (2.0, 5.0, 8.0, 20.0)}
+    aud = {s: _wav(bench_audio(s, seed=int(s))) for s in (2.0, 5.0, 8.0)}
+    longest = _wav(bench_audio(longest_audio_s, seed=20))
 
     def req(text: str, image: str | None = None, audio: str | None = None, **kw: Any) -> dict[str, Any]:
         parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
@@ -81,7 +100,7 @@ def mixed_requests(max_tokens: int = 16) -> list[dict[str, Any]]:
         req("What is in the image?", img[2], temperature=0.7, seed=3),
         req("What was said?", audio=aud[2.0]),
         req("Transcribe the audio.", audio=aud[8.0]),
-        req("What did the person ask?", audio=aud[20.0]),
+        req("What did the person ask?", audio=longest),
         req("Summarise the recording.", audio=aud[5.0], temperature=0.9, seed=2),
         req("Answer the spoken question about the image.", img[0], aud[2.0]),
         req("What do you see and hear?", img[1], aud[5.0]),
@@ -144,12 +163,12 @@ class ServerProcess:
             self.proc.wait()
 
 
-def references(bundle: Path, bodies: list[dict[str, Any]]) -> list[str]:
+def references(bundle: Path, bodies: list[dict[str, Any]], max_context: int | None = None) -> list[str]:
     """Single-threaded answers through the same server code path (one client, one request at a time,
-    a roomy budget): what each request must get back under load."""
+    a roomy budget, another process): what each request must get back under load."""
     import httpx
 
-    server = ServerProcess(bundle, "90%", None, 4)
+    server = ServerProcess(bundle, "90%", max_context, 4)
     try:
         with httpx.Client(base_url=server.url, timeout=300) as c:
             return [
@@ -179,15 +198,15 @@ def run_soak(bundle: Path, requests: int = 500, threads: int = 8, max_context: i
     """The soak; returns the report (see the module docstring for what it checks)."""
     import httpx
 
-    bodies = mixed_requests()
-    expected = references(bundle, bodies)  # also measures the engines once (memory.json)
+    bodies = mixed_requests(longest_audio_s=longest_audio_seconds(bundle, max_context))
+    expected = references(bundle, bodies, max_context)  # a first start also measures the engines
     probe = ServerProcess(bundle, "90%", max_context, 4)
     try:
         plan = probe.health()["memory"]["plan"]
     finally:
         probe.stop()
-    budget = int(plan["peak_bound_bytes"])
-    server = ServerProcess(bundle, budget, None, threads + 8)
+    budget = int(plan["peak_bound_bytes"]) + BASE_ALLOWANCE
+    server = ServerProcess(bundle, budget, max_context, threads + 8)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_rss, args=(server.proc.pid, stop, samples), daemon=True)

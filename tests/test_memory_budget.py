@@ -28,7 +28,9 @@ from omniedge.runtime.memory import (
     read_meminfo,
     system_used_bytes,
 )
-from omniedge.runtime.plan import BudgetError, kv_bytes_per_token, plan_memory
+from omniedge.runtime.plan import ENGINES, BudgetError, kv_bytes_per_token, plan_memory
+from omniedge.runtime.preprocess import audio_chunks, log_mel
+from omniedge.runtime.scheduler import run_size
 
 MiB = 2**20
 
@@ -129,12 +131,65 @@ def test_a_budget_too_small_is_refused_with_the_bytes_needed(omni_mini_bundle: P
         plan_memory(m, 300 * MiB, 100 * MiB, _costs(), max_context=2048)  # asked more than fits: say so
 
 
+def test_a_runs_expected_cost_is_its_size_times_the_rate_of_long_runs() -> None:
+    c = EngineCost.from_weights(10 * MiB)
+    c.observe_run(400, grew=40 * MiB, retained=2 * MiB, short_below=64, rate_from=200)  # replaces estimates
+    assert c.retained_bytes == 2 * MiB and c.run_bytes == 0  # what stayed is the engine's, not the run's
+    assert c.expected_run(400) == 38 * MiB and c.expected_run(800) == 76 * MiB
+    # A mid-size run does not set the rate: 3 MiB another thread allocated meanwhile would come out as
+    # 30 KiB a token, 12 MiB more at 400 tokens.
+    c.observe_run(100, grew=3 * MiB + 100 * 97 * 1024, retained=0, short_below=64, rate_from=200)
+    assert c.expected_run(400) == 38 * MiB
+    c.observe_run(1, grew=3 * MiB, retained=None, short_below=64, rate_from=200)  # a decode step
+    assert c.expected_run(1) == 3 * MiB and c.expected_run(400) == 38 * MiB  # a short run's fixed cost
+    c.observe_run(300, grew=1 * MiB, retained=0, short_below=64, rate_from=200)  # never lowers the rate
+    assert c.expected_run(400) == 38 * MiB and c.largest_run == 400 and c.runs == 4
+
+
+def test_the_least_budget_is_what_the_schedulers_arithmetic_needs(omni_mini_bundle: Path) -> None:
+    m = load_manifest(omni_mini_bundle)
+    assert m.audio is not None
+    ctx, base = 512, 100 * MiB
+    costs = {  # as omni-mini measures them: the audio encoder's run is the largest
+        "thinker": EngineCost(17 * MiB, 20 * MiB, 0, 2 * MiB, 30 * 1024, measured=True),
+        "vision": EngineCost(14 * MiB, 14 * MiB, 0, 0, 15 * 1024, measured=True),
+        "audio": EngineCost(14 * MiB, 14 * MiB, 0, 1 * MiB, 130 * 1024, measured=True),
+    }
+    need = plan_memory(m, 8 * 2**30, base, costs, max_context=ctx).need(ctx)
+    plan = plan_memory(m, need, base, costs, max_context=ctx)
+    # The largest runs the plan covers are what preprocessing makes of the largest inputs the runtime takes.
+    a = m.audio
+    longest = audio_chunks(log_mel(np.zeros(int(a.max_seconds * a.sampling_rate), np.float32)), a.n_window)
+    inputs = {"valid_indices": longest.valid_indices, "padded_features": longest.padded_features}
+    assert plan.largest_run("audio", ctx) == run_size("audio", inputs) == longest.num_tokens
+    assert plan.largest_run("thinker", ctx) == ctx
+    # Every engine loads and runs its largest input beside the pinned ones in what the budget leaves to
+    # engines: the check the scheduler makes before each run.
+    for e in ENGINES:
+        assert plan.engines_bytes(plan.pinned, e, plan.largest_run(e, ctx), ctx) <= plan.engine_room()
+    # The encoders cannot both stay while the longest audio runs; a short one leaves room for both.
+    assert plan.engines_bytes(ENGINES, "audio", longest.num_tokens, ctx, loading=False) > plan.engine_room()
+    assert plan.engines_bytes(ENGINES, "audio", 26, ctx, loading=False) <= plan.engine_room()
+    assert need < plan.all_resident_bytes(ctx)
+    with pytest.raises(BudgetError, match="fits"):
+        plan_memory(m, need - 1, base, costs, max_context=ctx)
+    # Where runs keep what they grew (a GPU provider's arena), each engine is planned with its largest run.
+    kept = plan_memory(m, 8 * 2**30, base, costs, max_context=ctx, arenas=True)
+    for e in ENGINES:
+        largest = kept.run_bytes(e, kept.largest_run(e, ctx))
+        assert kept.resident_bytes(e, ctx) == plan.resident_bytes(e, ctx) - costs[e].retained_bytes + max(
+            costs[e].retained_bytes, largest
+        )
+    assert kept.need(ctx) > need
+
+
 def test_info_prints_the_plan_and_refuses_a_budget_below_the_smallest_engine(
     fresh_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["info", str(fresh_bundle), "--memory-budget", "2GiB"]) == 0
     out = capsys.readouterr().out
     assert "resident   thinker" in out and "on demand  vision" in out and "context" in out
+    assert "runs       up to thinker 2048 tokens" in out and "audio 390 audio tokens" in out  # 30 s
     assert "not measured here yet" in out  # a fresh bundle: weight files until the first start
     smallest = min(load_manifest(fresh_bundle).components[n].weight_bytes for n in ("vision", "audio"))
     assert main(["info", str(fresh_bundle), "--memory-budget", str(smallest - 1)]) == 2
@@ -206,13 +261,42 @@ def test_a_tight_budget_evicts_and_answers_stay_the_same(fresh_bundle: Path) -> 
     assert got == expected * 3
 
 
+def test_evictions_follow_the_plans_arithmetic_not_the_heap(fresh_bundle: Path) -> None:
+    omni = Omni.load(fresh_bundle, memory_budget="4GiB", max_context=400)  # measures, records
+    s = omni.scheduler
+    try:
+        assert omni.manifest.audio is not None
+        s.set_budget(s.plan.need(400))  # the encoders fit together, except while the longest audio runs
+        pixels = omni.preprocess("", image=_image()).pixel_values
+        short = omni.preprocess("", audio=_audio(2.0)).chunks
+        longest = omni.preprocess("", audio=_audio(omni.manifest.audio.max_seconds)).chunks
+        assert pixels is not None and short is not None and longest is not None
+        for _ in range(3):
+            omni.encode_image(pixels)
+            omni.encode_audio(short)
+        assert sum(s.stats.evictions.values()) == 0 and set(s.resident()) == {"thinker", "vision", "audio"}
+        for i in range(1, 3):
+            omni.encode_image(pixels)
+            omni.encode_audio(longest)  # the audio encoder takes it (the context is the thinker's)
+            assert s.stats.evictions == {"vision": i} and set(s.resident()) == {"thinker", "audio"}
+        assert s.stats.over_budget == 0
+    finally:
+        omni.close()
+
+
 def test_the_context_shrinks_with_the_budget_and_a_longer_prompt_is_refused(fresh_bundle: Path) -> None:
+    Omni.load(fresh_bundle, memory_budget="4GiB").close()  # the first start measures and records
+    # Planned from the record, in a process that has already loaded ONNX Runtime's code (the first load
+    # brings it into memory, and every later load counts it in its base), as the next load will be.
     roomy = Omni.load(fresh_bundle, memory_budget="4GiB")
     plan = roomy.scheduler.plan
     roomy.close()
-    budget = plan.need(300)  # room for about 300 tokens
+    # Room for about 1000 tokens. omni-mini's KV cache is 2 KiB a token, so the context moves by 512 tokens
+    # per MiB of base that this process holds more or less at the next load.
+    budget = plan.need(1000)
     omni = Omni.load(fresh_bundle, memory_budget=budget)
     try:
+        assert omni.scheduler.stats.runs.total() == 0  # planned from the record
         assert 256 <= omni.max_context < plan.max_context
         with pytest.raises(OmniedgeError, match="context"):
             omni.chat("word " * (omni.max_context + 10), max_new_tokens=2)

@@ -16,7 +16,8 @@ def test_short_soak_under_a_budget_that_forces_evictions(fresh_bundle: Path) -> 
     assert r["kinds"] == {"text": 12, "image": 12, "audio": 12, "image+audio": 12}
     assert r["lost"] == [] and r["answered"] == 48  # no request lost
     assert r["equal_to_single_threaded"] == 48  # every answer as when asked alone, same seed
-    assert sum(r["evictions"].values()) >= 2  # the budget really was tight
+    # The budget really was tight: the encoders do not both fit while the longest audio clip runs.
+    assert r["evictions"].get("vision", 0) >= 2
     assert r["peak_bytes"] <= r["budget_bytes"]  # the server's own high-water mark (exact on Linux)
     assert r["sampled_peak_bytes"] <= r["budget_bytes"]
     assert r["over_budget_events"] == 0

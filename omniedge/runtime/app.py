@@ -92,8 +92,10 @@ def _load_embed(m: Manifest) -> np.ndarray:
 
 class _MeasuredThinker:
     """Under a memory budget the ORT runner's steps (IO binding, not backend.run) go through the scheduler,
-    which makes room and measures each one, as it does for every other engine run (about 0.1 ms a step on a
-    CPU: a budget is a choice for memory safety over the last percent of speed)."""
+    which makes room and measures each one, as it does for every other engine run. A prefill is sized by
+    its prompt tokens and measured on a trimmed heap; a decode step is one token and not trimmed (a trim
+    costs more than a step on omni-mini): its check and measurement take 0.06 ms on this project's CPU
+    (bench/results/2026-12-01-memory-return-cpu-omni-mini.md)."""
 
     def __init__(self, thinker: Any, scheduler: Any) -> None:
         self._thinker, self._scheduler = thinker, scheduler
@@ -104,7 +106,7 @@ class _MeasuredThinker:
             return self._thinker.prefill(inputs_embeds, positions, deepstack)
 
     def decode(self, embed_row: np.ndarray, position: int) -> Any:
-        with self._scheduler.running("thinker", 1.0):
+        with self._scheduler.running("thinker", 1.0, trim=False):
             return self._thinker.decode(embed_row, position)
 
 
@@ -126,7 +128,7 @@ class Omni:
         self.engines = engines
         t = manifest.text
         self.max_context = min(max_context or DEFAULT_CONTEXT, t.max_position_embeddings)
-        self.thinker = make_thinker(manifest, engines["thinker"], self.max_context)
+        self._thinker: Any = make_thinker(manifest, engines["thinker"], self.max_context)
         self._queue = AdmissionQueue(max_queue)
         self.scheduler: Any = None  # a runtime.scheduler.Scheduler when loaded with a memory budget
         a = manifest.audio
@@ -190,9 +192,18 @@ class Omni:
         omni.load_seconds = load_seconds
         return omni
 
+    @property
+    def thinker(self) -> Any:
+        """The thinker's runner (its KV cache allocated for `max_context`); made again after `close`."""
+        if self._thinker is None:
+            self._thinker = make_thinker(self.manifest, self.engines["thinker"], self.max_context)
+        return self._thinker
+
     def close(self) -> None:
+        """Unload every engine and free the KV cache; a later request loads what it needs again."""
         if self.scheduler is not None:
             self.scheduler.close()  # also records the measured footprints
+        self._thinker = None  # the ORT runner holds the thinker's session and KV cache
         for eng in self.engines.values():
             eng.unload()
 

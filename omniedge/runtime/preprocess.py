@@ -43,6 +43,9 @@ def mel_filter_bank(
     return bank * (2.0 / (edges[2:] - edges[:-2]))[None, :]
 
 
+_MEL_BLOCK_FRAMES = 256  # STFT frames computed at once (bounds log_mel's memory whatever the clip's length)
+
+
 def log_mel(
     audio: np.ndarray,
     n_mels: int = 128,
@@ -64,13 +67,19 @@ def log_mel(
     padded = np.pad(x.astype(np.float64), (half, half), mode="reflect")
     n_frames = 1 + (padded.size - n_fft) // hop_length
     window = np.hanning(n_fft + 1)[:-1]  # periodic Hann
-    idx = np.arange(n_fft)[None, :] + hop_length * np.arange(n_frames)[:, None]
-    spec = np.fft.rfft(padded[idx] * window[None, :], n=n_fft, axis=1)
-    power = spec.real**2 + spec.imag**2  # [frames, n_freq]
-    mel = (power @ filters).T[:, :-1]  # Whisper drops the last frame
-    logs = np.log10(np.maximum(mel, 1e-10))
-    logs = np.maximum(logs, logs.max() - 8.0)
-    return ((logs + 4.0) / 4.0).astype(np.float32)
+    # Frames in blocks, then in place: a whole 30 s clip at once would hold ~45 MiB of float64 temporaries.
+    mel = np.empty((n_frames, filters.shape[1]))
+    for start in range(0, n_frames, _MEL_BLOCK_FRAMES):
+        frames = np.arange(start, min(n_frames, start + _MEL_BLOCK_FRAMES))
+        idx = np.arange(n_fft)[None, :] + hop_length * frames[:, None]
+        spec = np.fft.rfft(padded[idx] * window[None, :], n=n_fft, axis=1)
+        mel[frames] = (spec.real**2 + spec.imag**2) @ filters  # power [frames, n_freq] -> mel bands
+    logs = mel[:-1]  # Whisper drops the last frame
+    np.log10(np.maximum(logs, 1e-10, out=logs), out=logs)
+    np.maximum(logs, logs.max() - 8.0, out=logs)
+    logs += 4.0
+    logs /= 4.0
+    return logs.T.astype(np.float32)
 
 
 # ---------------------------------------------------------------- audio: encoder chunk metadata

@@ -1,10 +1,23 @@
-"""One memory budget for every engine, kept live: a check before every load and run that never lets the
-measured memory pass the budget, least-recently-used eviction of unpinned engines, and measurement of
-what each load and run costs (recorded for the next plan, plan.py).
+"""One memory budget for every engine, kept live: least-recently-used eviction of unpinned engines where
+the plan's arithmetic says they do not all fit, a check of the real memory before every load and run
+that never lets it pass the budget, and measurement of what each load and run costs (recorded for the
+next plan, plan.py).
+
+Two checks before each load and run, evicting until both hold:
+- the plan's arithmetic (`Plan.engines_bytes`, the sum `need()` is made of): the engines left loaded,
+  with this one loaded and its run's expected growth, fit in what the budget leaves to engines. This
+  decides residency, the same way for the same request every time, whatever the heap holds.
+- the meter: memory in use now plus the growth this load and run are expected to add stays a reserve
+  below the budget. This is what refuses a request (BudgetError) when nothing is left to evict.
+
+Measurements are made on a heap just handed back to the system (malloc_trim): ONNX Runtime's CPU arena
+is off under a budget, so an engine's temporaries come from malloc, and a run that reuses what an
+earlier one freed would otherwise look smaller than it is. Decode steps skip the trim (it costs about
+as much as a step on a small model): the prefill before them hands its memory back after it ends, so
+the first step of every request is measured on a clean heap.
 
 The scheduler talks to engines only through the EngineBackend protocol (load, unload, footprint_bytes,
-run) and wraps each in a `ScheduledEngine` that the app uses in its place: every `run` first makes room
-(evicting), loads if needed, and measures the run's peak with the meter (memory.py).
+run) and wraps each in a `ScheduledEngine` that the app uses in its place.
 """
 
 from __future__ import annotations
@@ -22,16 +35,22 @@ import numpy as np
 from omniedge.runtime.backends import EngineBackend
 from omniedge.runtime.footprints import FootprintStore
 from omniedge.runtime.memory import MemoryMeter, mib, release_freed_memory
-from omniedge.runtime.plan import PER_UNIT_FLOOR, BudgetError, Plan
+from omniedge.runtime.plan import BudgetError, Plan
 
-__all__ = ["BudgetError", "ScheduledEngine", "Scheduler"]
+__all__ = ["BudgetError", "ScheduledEngine", "Scheduler", "run_size"]
 
 
-def _run_size(name: str, inputs: Mapping[str, np.ndarray]) -> float:
-    """The unit a run's memory grows with: tokens through the thinker, input bytes through an encoder."""
+def run_size(name: str, inputs: Mapping[str, np.ndarray]) -> float:
+    """The unit a run's memory grows with (plan.run_units): tokens through the thinker (the new ones and
+    the cached ones it is given), image patches through the vision encoder, audio tokens out of the audio
+    encoder; input bytes for any other graph."""
     if name == "thinker" and "inputs_embeds" in inputs:
         past = inputs.get("past_key_values.0.key")
         return float(inputs["inputs_embeds"].shape[1] + (past.shape[2] if past is not None else 0))
+    if name == "vision" and "pixel_values" in inputs:
+        return float(inputs["pixel_values"].shape[0])
+    if name == "audio" and "valid_indices" in inputs:
+        return float(inputs["valid_indices"].shape[0])
     return float(sum(np.asarray(a).nbytes for a in inputs.values()))
 
 
@@ -44,7 +63,8 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Keeps engines within one budget: live checks before each load and run, LRU eviction, pins."""
+    """Keeps engines within one budget: the plan's arithmetic and a live check before each load and run,
+    LRU eviction, pins."""
 
     def __init__(
         self,
@@ -60,7 +80,6 @@ class Scheduler:
         self.costs = plan.costs
         self.stats = SchedulerStats()
         self._lru: OrderedDict[str, None] = OrderedDict()
-        self._held: dict[str, int] = {}  # bytes each loaded engine's runs left resident (arenas)
         self._lock = threading.RLock()
         self.engines = {name: ScheduledEngine(self, name) for name in self.backends}
 
@@ -94,7 +113,7 @@ class Scheduler:
                     "load it again with the new budget (the context shrinks to fit)",
                 )
             self.plan = dataclasses.replace(self.plan, budget=budget)
-            self._make_room("", 0)
+            self._make_room(None, 0.0)
 
     def resident(self) -> list[str]:
         return [n for n, b in self.backends.items() if b.loaded]
@@ -102,28 +121,50 @@ class Scheduler:
     # ------------------------------------------------------------ room, load, unload
 
     def _limit(self) -> int:
-        """What a load or run may fill up to. The plan keeps `headroom` above the base for memory that is
-        not an engine's (it grows as requests come); a quarter of it stays free at every check for what
-        other threads (request bodies arriving) allocate while an engine runs."""
+        """What the meter may read, with a load's or run's expected growth added. The plan keeps `headroom`
+        above the base for memory that is not an engine's (it grows as requests come); a quarter of it stays
+        free at every check for what other threads (request bodies arriving) allocate while an engine runs."""
         return self.plan.budget - self.plan.headroom_bytes // 4
 
-    def _make_room(self, name: str, need: int) -> None:
-        """Evict least recently used, unpinned engines (never `name`) until `need` more bytes fit."""
+    def _growth(self, name: str, size: float) -> int:
+        """What loading `name` (if it is not loaded) and running `size` units of it is expected to add."""
+        plan, cost = self.plan, self.costs[name]
+        run = plan.run_bytes(name, size)
+        if self.backends[name].loaded:
+            return run
+        return max(cost.load_peak_bytes, plan.resident_bytes(name, plan.max_context) + run)
+
+    def _make_room(self, name: str | None, size: float) -> None:
+        """Evict least recently used, unpinned engines (never `name`) until the plan's arithmetic holds for
+        `name` running `size` units beside the engines left, and the memory in use plus that run's expected
+        growth is within the limit; BudgetError when only the meter still says no and nothing is left."""
+        plan = self.plan
         trimmed = False
-        while self.meter.current() + need > self._limit():
-            if (
-                not trimmed
-            ):  # memory freed by earlier requests may still be held by malloc: cheaper than evicting
+        while True:
+            loaded = [n for n in self._lru if n != name]
+            if name is None:
+                planned = sum(plan.resident_bytes(n, plan.max_context) for n in loaded)
+            else:
+                loading = not self.backends[name].loaded
+                planned = plan.engines_bytes(loaded, name, size, plan.max_context, loading)
+            victims = [n for n in self._lru if n != name and n not in plan.pinned]
+            if planned > plan.engine_room() and victims:
+                self._unload(victims[0], evicted=True)
+                continue
+            # The plan fits (or nothing is left to evict: the live check alone decides).
+            need = self._growth(name, size) if name is not None else 0
+            if self.meter.current() + need <= self._limit():
+                return
+            if not trimmed:  # malloc may still hold memory earlier requests freed: cheaper than evicting
                 release_freed_memory()
                 trimmed = True
                 continue
-            victims = [n for n in self._lru if n != name and n not in self.plan.pinned]
             if not victims:
-                now = self.meter.current()
+                now, kept_free = self.meter.current(), mib(plan.headroom_bytes // 4)
+                what = f"{name} needs {mib(need)} more memory; " if name is not None else ""
                 raise BudgetError(
-                    f"{name} needs {mib(need)} more memory; {mib(now)} is in use and the budget is "
-                    f"{mib(self.plan.budget)} ({mib(self.plan.headroom_bytes // 4)} of it kept free), with nothing "
-                    "left to evict",
+                    f"{what}{mib(now)} is in use and the budget is {mib(plan.budget)} ({kept_free} of it "
+                    "kept free), with nothing left to evict",
                     "raise --memory-budget, pin fewer engines, or send a shorter request",
                 )
             self._unload(victims[0], evicted=True)
@@ -131,7 +172,6 @@ class Scheduler:
     def _unload(self, name: str, evicted: bool) -> None:
         self.backends[name].unload()
         self._lru.pop(name, None)
-        self._held.pop(name, None)
         release_freed_memory()
         if evicted:
             self.stats.evictions[name] += 1
@@ -143,20 +183,15 @@ class Scheduler:
                 self._lru[name] = None
                 self._lru.move_to_end(name)
                 return
-            cost = self.costs[name]
-            self._make_room(name, cost.load_peak_bytes)
+            self._make_room(name, 0.0)
+            release_freed_memory()  # measure the load on a clean heap
             before = self.meter.current()
             self.meter.reset_peak()
             backend.load()
             peak = self.meter.peak()
             after = self.meter.current()
             self._check(peak)
-            measured_load = max(backend.footprint_bytes(), after - before)
-            if cost.measured:
-                cost.load_bytes = max(cost.load_bytes, measured_load)
-                cost.load_peak_bytes = max(cost.load_peak_bytes, peak - before)
-            else:  # the first measurement replaces the weight-file estimate
-                cost.load_bytes, cost.load_peak_bytes = measured_load, peak - before
+            self.costs[name].observe_load(max(backend.footprint_bytes(), after - before), peak - before)
             self.stats.loads[name] += 1
             self._lru[name] = None
 
@@ -172,45 +207,39 @@ class Scheduler:
     # ------------------------------------------------------------ runs
 
     @contextlib.contextmanager
-    def running(self, name: str, size: float) -> Iterator[EngineBackend]:
+    def running(self, name: str, size: float, trim: bool = True) -> Iterator[EngineBackend]:
         """Make room for a run of `size` units of `name`, load it, and measure the run's peak.
 
-        No credit is taken for memory an engine kept from earlier runs (ONNX Runtime's arenas were seen
-        to grow again on a repeated shape): every run needs room for its whole expected growth.
+        `trim`: hand freed memory back to the system before the run (so its growth is measured whole)
+        and after it (so what it used is gone, and what it left is measured). Decode steps pass False.
         """
         with self._lock:
             backend = self.backends[name]
-            cost = self.costs[name]
-            if backend.loaded:
-                self._make_room(name, cost.expected_run(size))
-            else:
-                self._make_room(name, max(cost.load_peak_bytes, cost.load_bytes + cost.expected_run(size)))
+            self._make_room(name, size)
             self.load(name)
             self._lru.move_to_end(name)
+            if trim:
+                release_freed_memory()
             before = self.meter.current()
             self.meter.reset_peak()
             try:
                 yield backend
             finally:
-                peak, after = self.meter.peak(), self.meter.current()
+                peak = self.meter.peak()
                 self._check(peak)
-                self._observe(name, size, max(0, peak - before), max(0, after - before))
-
-    def _observe(self, name: str, size: float, grew: int, retained: int) -> None:
-        cost = self.costs[name]
-        held = self._held.get(name, 0) + retained
-        self._held[name] = held
-        first = cost.runs == 0 and not cost.measured
-        cost.run_bytes = grew if first else max(cost.run_bytes, grew)
-        cost.retained_bytes = held if first else max(cost.retained_bytes, held)
-        if size >= PER_UNIT_FLOOR.get(name, 0) and size > 0:
-            cost.run_bytes_per_unit = max(0.0 if first else cost.run_bytes_per_unit, grew / size)
-        cost.runs += 1
-        cost.measured = True
-        self.stats.runs[name] += 1
+                retained = None
+                if trim:
+                    release_freed_memory()
+                    retained = max(0, self.meter.current() - before)
+                short_below = self.plan.short_below.get(name, 0.0)
+                rate_from = self.plan.rate_from(name)
+                self.costs[name].observe_run(size, max(0, peak - before), retained, short_below, rate_from)
+                self.stats.runs[name] += 1
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self.running(name, _run_size(name, inputs)) as backend:
+        embeds = inputs.get("inputs_embeds")
+        decode_step = name == "thinker" and embeds is not None and embeds.shape[1] == 1  # portable runner
+        with self.running(name, run_size(name, inputs), trim=not decode_step) as backend:
             return backend.run(inputs)
 
     def snapshot(self) -> dict[str, Any]:
