@@ -14,19 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from omniedge.bench.stats import summarize_ms
 from omniedge.runtime.generate import SamplingParams, next_token
 
-
-def percentiles(values_s: list[float]) -> dict[str, Any]:
-    """Milliseconds: n, mean, and only the percentiles the sample size supports (p99 needs >= 100)."""
-    a = np.asarray(values_s, dtype=np.float64) * 1e3
-    if a.size == 0:
-        return {"n": 0}
-    out: dict[str, Any] = {"n": int(a.size), "mean": float(a.mean()), "min": float(a.min())}
-    for q, need in ((50, 2), (90, 10), (99, 100)):
-        if a.size >= need:
-            out[f"p{q}"] = float(np.percentile(a, q))
-    return out
+percentiles = summarize_ms  # percentiles only with enough samples (bench/stats.py)
 
 
 def run_spread(per_run_medians_ms: list[float]) -> dict[str, float]:

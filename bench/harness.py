@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from omniedge import __version__
+from omniedge.bench.decode_depth import decode_at_depth, run_spread
 from omniedge.bench.inputs import bench_audio, bench_image
 from omniedge.bench.report import check_report_paths, write_reports
 from omniedge.bench.stats import summarize_ms
@@ -37,8 +38,14 @@ def run_bench(
     new_tokens: int = 32,
     providers: str | list[str] | None = None,
     progress: bool = True,
+    contexts: list[int] | None = None,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure one bundle; returns the report dict (see bench/report.py for the files)."""
+    """Measure one bundle; returns the report dict (see bench/report.py for the files).
+
+    `contexts`: also decode `new_tokens` after prompts of these lengths (decode at depth, run-to-run spread);
+    `baseline`: the checkpoint the bundle came from, decoded by transformers at the same contexts in a child
+    process (its memory stays out of this process), for a ratio measured in the same run."""
     from omniedge.runtime.app import Omni
 
     if runs < 1 or new_tokens < 2:
@@ -46,7 +53,8 @@ def run_bench(
     say = print if progress else (lambda *a, **k: None)
     rss0 = peak_rss_bytes()
     t0 = time.perf_counter()
-    omni = Omni.load(bundle, providers=providers)
+    context = max([*(contexts or []), 0]) + new_tokens + 8
+    omni = Omni.load(bundle, providers=providers, max_context=max(context, 4096))
     load_total = time.perf_counter() - t0
     say(f"loaded {bundle} in {load_total:.2f} s")
     m = omni.manifest
@@ -81,12 +89,14 @@ def run_bench(
                 req = omni.preprocess("x", audio=audio)
                 omni.encode_audio(req.chunks)
                 speech.append(time.perf_counter() - t)
-        ttft, tokens, counts = [], [], []
+        ttft, tokens, counts, medians = [], [], [], []
         for r in range(runs):
             res = omni.chat(TEXT_PROMPT, max_new_tokens=new_tokens, seed=r)
             ttft.append(res.timings.ttft_s)
             tokens.extend(res.timings.token_latencies_s)
             counts.append(res.timings.new_tokens)
+            if res.timings.token_latencies_s:
+                medians.append(float(np.median(res.timings.token_latencies_s)) * 1e3)
             say(
                 f"  text run {r + 1}/{runs}: {res.timings.new_tokens} tokens, ttft {res.timings.ttft_s * 1e3:.1f} ms"
             )
@@ -100,6 +110,7 @@ def run_bench(
                     max_new_tokens=2,
                 )
                 mm_ttft.append(res.timings.ttft_s)
+        depth = [decode_at_depth(omni, c, new_tokens, runs) for c in contexts or []]
     tok = _ms(tokens)
     report = {
         "omniedge": __version__,
@@ -113,7 +124,9 @@ def run_bench(
         "ttft_ms_text": _ms(ttft),
         "ttft_ms_image_audio": _ms(mm_ttft),
         "token_ms": tok,
+        "token_ms_spread": run_spread(medians),
         "decode_tok_s": 1e3 / tok["mean"] if tok.get("n") else None,
+        "contexts": depth,
         "new_tokens_per_run": counts,
         "image_ms": {
             **_ms(image_ms),
@@ -133,11 +146,34 @@ def run_bench(
         "power_w": power.mean_watts(),
     }
     omni.close()
+    if baseline is not None and contexts:
+        from omniedge.bench.baseline_hf import run_baseline_subprocess
+
+        args = [
+            str(baseline),
+            "--contexts",
+            *map(str, contexts),
+            "--new-tokens",
+            str(new_tokens),
+            "--runs",
+            str(runs),
+        ]
+        say(f"transformers baseline on {baseline} ...")
+        report["baseline"] = run_baseline_subprocess(args)
+        for ours, theirs in zip(report["contexts"], report["baseline"]["contexts"], strict=True):
+            a, b = ours["token_ms"].get("p50"), theirs["token_ms"].get("p50")
+            ours["speedup_vs_baseline"] = (b / a) if a and b else None
     return report
 
 
 def bench_cli(
-    bundle: str | None, runs: int, new_tokens: int, json_path: Path | None, providers: str | None = None
+    bundle: str | None,
+    runs: int,
+    new_tokens: int,
+    json_path: Path | None,
+    providers: str | None = None,
+    contexts: list[int] | None = None,
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     from omniedge.runtime.manifest import load_manifest
 
@@ -150,7 +186,11 @@ def bench_cli(
     else:
         path = Path(bundle)
         load_manifest(path)  # a clear error for a path that is not a bundle
-    report = run_bench(path, runs=runs, new_tokens=new_tokens, providers=providers)
+    if baseline is not None and not contexts:
+        raise OmniedgeError("--baseline compares decode at --contexts", "add e.g. --contexts 64 512")
+    report = run_bench(
+        path, runs=runs, new_tokens=new_tokens, providers=providers, contexts=contexts, baseline=baseline
+    )
     if json_path is None:
         from omniedge.paths import home
 

@@ -33,7 +33,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{describe(r['ttft_ms_text'], ('p50', 'p90'))} |",
         f"| time to first token, image + audio + text (n={r['ttft_ms_image_audio'].get('n', 0)}) | "
         f"{describe(r['ttft_ms_image_audio'], ('p50',))} |",
-        f"| per-token latency (first excluded, n={tok.get('n', 0)}) | {describe(tok)} |",
+        f"| per-token latency (first excluded, n={tok.get('n', 0)}) | {describe(tok)}"
+        f"{_spread(r.get('token_ms_spread'))} |",
         f"| decode throughput | {_f(r['decode_tok_s'], '{:.1f}')} tokens/s |",
         f"| image latency (preprocess + encode, {img.get('size')}, n={img.get('n', 0)}) | "
         f"{describe(img, ('p50',))} (preprocess {_f(img.get('preprocess_mean'))} ms) |",
@@ -43,7 +44,38 @@ def markdown(r: dict[str, Any]) -> str:
         f"| power | {_f(r['power_w'], '{:.1f} W') if r['power_w'] is not None else 'not readable here'} |",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _depth_lines(r))
+
+
+def _spread(s: dict[str, Any] | None) -> str:
+    if not s or "relative_range" not in s:
+        return ""
+    return f"; run-to-run spread of the medians {s['relative_range']:.1%} over {s['runs']} runs"
+
+
+def _depth_lines(r: dict[str, Any]) -> list[str]:
+    """Decode at depth (`--contexts`) and, with `--baseline`, transformers on the same checkpoint."""
+    if not r.get("contexts"):
+        return []
+    base = {c["context"]: c for c in (r.get("baseline") or {}).get("contexts", [])}
+    lines = [
+        "| prompt tokens | decode per token | time to first token | spread | transformers per token | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in r["contexts"]:
+        b = base.get(c["context"])
+        theirs = describe(b["token_ms"], ("p50",)) if b else "-"
+        lines.append(
+            f"| {c['context']} | {describe(c['token_ms'])} | {describe(c['ttft_ms'], ('p50',))} | "
+            f"{c['spread'].get('relative_range', 0):.1%} | {theirs} | {_f(c.get('speedup_vs_baseline'), '{:.2f}x')} |"
+        )
+    if r.get("baseline"):
+        b = r["baseline"]
+        lines.append(
+            f"\nBaseline: transformers {b['transformers']} ({b['dtype']}, {b['device']}, experts "
+            f"{b['experts_implementation']}) on {b['checkpoint']}, run in a child process."
+        )
+    return [*lines, ""]
 
 
 def check_report_paths(json_path: Path) -> None:

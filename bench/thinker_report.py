@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if r["roofline"] and r["roofline"].get("fraction_of_roofline"):
             r["orin_projection"] = orin_projection(cost, c, r["roofline"])
         report["contexts"].append(r)
-        print(f"context {c}: token p50 {p50:.3f} ms, ttft {r['ttft_ms']['mean']:.1f} ms", flush=True)
+        print(f"context {c}: token p50 {p50 or 0:.3f} ms, ttft {r['ttft_ms']['mean']:.1f} ms", flush=True)
     used1 = _gpu_used_bytes()
     weights = sum(comp.weight_bytes for comp in m.components.values())
     kv = getattr(omni.thinker, "kv_bytes", 0)
@@ -172,7 +172,7 @@ def markdown(r: dict[str, Any]) -> str:
     for c in r["contexts"]:
         t, rf = c["token_ms"], c.get("roofline") or {}
         pct = f"{rf['fraction_of_roofline'] * 100:.0f}%" if rf.get("fraction_of_roofline") else "-"
-        pct_ms = " / ".join(f"{t[k]:.3f}" if k in t else "-" for k in ("p50", "p90", "p99"))
+        pct_ms = " / ".join(f"{t[k]:.3f}" if t.get(k) is not None else "-" for k in ("p50", "p90", "p99"))
         lines.append(
             f"| {c['context']} | {pct_ms} "
             f"| {c['decode_tok_s']:.0f} | {c['ttft_ms']['mean']:.1f} | {c['spread'].get('relative_range', 0):.1%} "

@@ -118,6 +118,24 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per generation run")
     n.add_argument("--json", type=Path, help="where to write the JSON report (default: print path in cache)")
     n.add_argument("--providers", help="onnxruntime execution providers, as for `omniedge run`")
+    n.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        help="also decode after prompts of these many tokens (decode at depth)",
+    )
+    n.add_argument(
+        "--baseline",
+        type=Path,
+        help="checkpoint the bundle came from: transformers decodes it at --contexts in the same run (ratio)",
+    )
+    n.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A", "B"),
+        help="print two bench JSON reports side by side, B / A",
+    )
 
     i = cmd("info", "Describe a checkpoint or an engine bundle and check it for damage (as `run` would).")
     i.add_argument("path", type=Path)
@@ -208,6 +226,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             providers=args.providers,
             system=args.system,
         )
+    elif args.command == "bench" and args.compare:
+        from omniedge.bench.compare import compare
+
+        print(compare(*args.compare), end="")
     elif args.command == "bench":
         from omniedge.bench.harness import bench_cli
 
@@ -217,6 +239,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             new_tokens=args.new_tokens,
             json_path=args.json,
             providers=args.providers,
+            contexts=args.contexts,
+            baseline=args.baseline,
         )
     elif args.command == "eval":
         from omniedge.eval.cli import eval_cli
