@@ -36,10 +36,12 @@ def _load(checkpoint: Path, random_weights: bool, device: str, dtype: str, exper
     else:
         from omniedge.checkpoint import load_checkpoint
 
-        model, _ = load_checkpoint(checkpoint, dtype=td)
+        # float weights (INT4 ones dequantized once): transformers' own speed, not an on-the-fly dequantizer's
+        model, _ = load_checkpoint(checkpoint, dtype=td, dequantize=True)
         thinker = model.thinker.to(device)
-    if experts:
-        thinker.set_experts_implementation(experts)
+    if experts or device == "cpu":
+        # on the CPU the default grouped_mm needs 16-byte-aligned weights; eager is what a CPU user runs
+        thinker.set_experts_implementation(experts or "eager")
     return thinker.eval()
 
 
