@@ -112,7 +112,7 @@ def hf_decode(
         "torch": torch.__version__,
         "device": device,
         "dtype": dtype,
-        "experts_implementation": experts or "default",
+        "experts_implementation": experts or ("eager" if device == "cpu" else "default"),
         "random_weights": random_weights,
         "checkpoint": str(checkpoint),
         "peak_gpu_mib": peak / 2**20 if peak is not None else None,
