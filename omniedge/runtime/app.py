@@ -25,6 +25,7 @@ import numpy as np
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.admission import AdmissionQueue
 from omniedge.runtime.backends import EngineBackend, OrtBackend
+from omniedge.runtime.budget import MeasuredThinker
 from omniedge.runtime.generate import (
     GenerationResult,
     SamplingParams,
@@ -88,26 +89,6 @@ def _load_embed(m: Manifest) -> np.ndarray:
             "re-export the bundle",
         )
     return table
-
-
-class _MeasuredThinker:
-    """Under a memory budget the ORT runner's steps (IO binding, not backend.run) go through the scheduler,
-    which makes room and measures each one, as it does for every other engine run. A prefill is sized by
-    its prompt tokens and measured on a trimmed heap; a decode step is one token and not trimmed (a trim
-    costs more than a step on omni-mini): its check and measurement take 0.06 ms on this project's CPU
-    (bench/results/2026-12-01-memory-return-cpu-omni-mini.md)."""
-
-    def __init__(self, thinker: Any, scheduler: Any) -> None:
-        self._thinker, self._scheduler = thinker, scheduler
-        self.max_context = thinker.max_context
-
-    def prefill(self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None) -> Any:
-        with self._scheduler.running("thinker", float(inputs_embeds.shape[1])):
-            return self._thinker.prefill(inputs_embeds, positions, deepstack)
-
-    def decode(self, embed_row: np.ndarray, position: int) -> Any:
-        with self._scheduler.running("thinker", 1.0, trim=False):
-            return self._thinker.decode(embed_row, position)
 
 
 class Omni:
@@ -328,7 +309,7 @@ class Omni:
         timings.preprocess_s = time.perf_counter() - t_request
         inputs = self.thinker_inputs(req, timings)
         measured = self.scheduler is not None and isinstance(self.thinker, OrtThinker)
-        thinker = _MeasuredThinker(self.thinker, self.scheduler) if measured else self.thinker
+        thinker = MeasuredThinker(self.thinker, self.scheduler) if measured else self.thinker
         for ev in run_generation(
             thinker,
             self.tokenizer,

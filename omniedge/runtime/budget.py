@@ -11,7 +11,7 @@ run's cost is not extrapolated past what was measured).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -163,3 +163,23 @@ def load_with_budget(
     )
     omni.scheduler = scheduler
     return omni
+
+
+class MeasuredThinker:
+    """Under a memory budget the ORT runner's steps (IO binding, not backend.run) go through the scheduler,
+    which makes room and measures each one, as it does for every other engine run. A prefill is sized by
+    its prompt tokens and measured on a trimmed heap; a decode step is one token and not trimmed (a trim
+    costs more than a step on omni-mini): its check and measurement take 0.06 ms on this project's CPU
+    (bench/results/2026-12-01-memory-return-cpu-omni-mini.md)."""
+
+    def __init__(self, thinker: Any, scheduler: Any) -> None:
+        self._thinker, self._scheduler = thinker, scheduler
+        self.max_context = thinker.max_context
+
+    def prefill(self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None) -> Any:
+        with self._scheduler.running("thinker", float(inputs_embeds.shape[1])):
+            return self._thinker.prefill(inputs_embeds, positions, deepstack)
+
+    def decode(self, embed_row: np.ndarray, position: int) -> Any:
+        with self._scheduler.running("thinker", 1.0, trim=False):
+            return self._thinker.decode(embed_row, position)

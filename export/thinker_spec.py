@@ -1,0 +1,136 @@
+"""What the ONNX Runtime thinker graph is: the config it is built from, the build options, its I/O contract,
+and what one decode step costs (bytes read, FLOPs), counted from the initializers it was built with.
+
+export/thinker_ort.py builds the graph; the manifest carries the contract (docs/artifacts.md section 2) and the
+decode cost, from which the bench's roofline and Orin projection start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omniedge.errors import OmniedgeError
+from omniedge.export.onnx_builder import GraphBuilder
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What the graph needs of the thinker text config (config.json thinker_config.text_config)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    moe_intermediate: int
+    dense_intermediate: int
+    experts: int
+    top_k: int
+    norm_topk: bool
+    eps: float
+    vocab: int
+    moe_layers: frozenset[int]
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TextConfig:
+        t = config.get("thinker_config", config).get("text_config", {})
+        try:
+            heads = int(t["num_attention_heads"])
+            hidden = int(t["hidden_size"])
+            layers = int(t["num_hidden_layers"])
+            experts = int(t.get("num_experts", 0))
+            step = int(t.get("decoder_sparse_step", 1))
+            only = set(int(i) for i in t.get("mlp_only_layers", []) or [])
+            moe = frozenset(
+                i for i in range(layers) if i not in only and experts > 0 and (i + 1) % max(step, 1) == 0
+            )
+            return cls(
+                hidden=hidden,
+                layers=layers,
+                heads=heads,
+                kv_heads=int(t["num_key_value_heads"]),
+                head_dim=int(t.get("head_dim") or hidden // heads),
+                moe_intermediate=int(t.get("moe_intermediate_size", 0)),
+                dense_intermediate=int(t.get("intermediate_size", 0)),
+                experts=experts,
+                top_k=int(t.get("num_experts_per_tok", 0)),
+                norm_topk=bool(t.get("norm_topk_prob", True)),
+                eps=float(t.get("rms_norm_eps", 1e-6)),
+                vocab=int(t["vocab_size"]),
+                moe_layers=moe,
+                max_positions=int(t.get("max_position_embeddings", 32768)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise OmniedgeError(
+                f"config.json lacks a usable thinker text config ({e})", "pass a Qwen3-Omni checkpoint"
+            ) from e
+
+
+@dataclass
+class Options:
+    """How to build: activation dtype (float16 on GPU: ONNX Runtime's CUDA attention has no float32),
+    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level."""
+
+    dtype: str = "float32"
+    fused_qk_norm: bool = False
+    accuracy_level: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def np_dtype(self) -> Any:
+        return np.float16 if self.dtype == "float16" else np.float32
+
+
+def io_contract(cfg: TextConfig, num_deepstack: int, dtype: str) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs) as (name, dtype, shape). `seq`: new tokens; `max_context`: the KV buffer length
+    (a runtime setting, not a rebuild); `rope_rows`: rows of the cos/sin tables (>= past + seq)."""
+    h, kv, hd = cfg.hidden, cfg.kv_heads, cfg.head_dim
+    ins: list[tuple] = [("inputs_embeds", dtype, [1, "seq", h])]
+    if num_deepstack:
+        ins.append(("deepstack_embeds", dtype, [num_deepstack, 1, "seq", h]))
+    ins += [
+        ("position_ids", "int64", [1, "seq"]),
+        ("cos_cache", dtype, ["rope_rows", hd // 2]),
+        ("sin_cache", dtype, ["rope_rows", hd // 2]),
+        ("seqlens_k", "int32", [1]),
+        ("total_sequence_length", "int32", []),
+    ]
+    outs: list[tuple] = [("logits", "float32", [1, cfg.vocab]), ("next_token", "int64", [1])]
+    for i in range(cfg.layers):
+        for kind in ("key", "value"):
+            ins.append((f"past_key_values.{i}.{kind}", dtype, [1, kv, "max_context", hd]))
+            outs.append((f"present.{i}.{kind}", dtype, [1, kv, "max_context", hd]))
+    return ins, outs
+
+
+def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
+    """What one decode step must read and compute, counted from the graph's initializers: every dense weight
+    (attention, norms, routers, lm_head) each token; of the experts only the top-k of each MoE layer; plus the
+    KV cache, which grows with the context. The bench's roofline and Orin projection start from this."""
+    expert = sum(n for name, n in b.sizes.items() if ".fc1" in name or ".fc2" in name)
+    dense = sum(b.sizes.values()) - expert
+    moe_layers = max(1, len(cfg.moe_layers))
+    per_token_experts = expert * cfg.top_k / max(1, cfg.experts) if cfg.experts else 0.0
+    elt = 2 if dtype == "float16" else 4
+    attn_params = (
+        cfg.hidden * (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.heads * cfg.head_dim * cfg.hidden
+    )
+    expert_params = 3 * cfg.hidden * cfg.moe_intermediate * cfg.top_k + cfg.hidden * cfg.experts
+    dense_mlp = 3 * cfg.hidden * cfg.dense_intermediate
+    active = cfg.layers * attn_params + len(cfg.moe_layers) * expert_params
+    active += (cfg.layers - len(cfg.moe_layers)) * dense_mlp + cfg.vocab * cfg.hidden
+    return {
+        "dense_bytes": int(dense),
+        "expert_bytes": int(expert),
+        "expert_bytes_per_token": float(per_token_experts),
+        "expert_bytes_per_layer": float(expert / moe_layers),
+        "bytes_per_token_at_zero_context": float(dense + per_token_experts + cfg.hidden * elt),
+        "kv_bytes_per_context_token": 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * elt,
+        "active_params_per_token": int(active),
+        "flops_per_token_at_zero_context": 2 * int(active),
+        "attention_flops_per_context_token": 4 * cfg.layers * cfg.heads * cfg.head_dim,
+    }
