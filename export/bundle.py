@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def export_bundle(
         raise OmniedgeError(
             "the fused q/k RMSNorm runs only on CUDA", "drop --fused-qk-norm or export --device cuda"
         )
+    t_start = time.perf_counter()
     checkpoint = check_checkpoint_dir(checkpoint)
     out = Path(out)
     if out.resolve() == checkpoint.resolve():
@@ -272,7 +274,7 @@ def export_bundle(
                 "checkpoint_meta": meta,
                 "quantization": quantization,
             },
-            "builder": _versions(),
+            "builder": {**_versions(), "export": _run_stats(t_start)},
             "tokenizer": "tokenizer.json",
             "special_tokens": special,
             "eos_token_ids": eos,
@@ -311,6 +313,15 @@ def _quantization(
     }
 
 
+def _run_stats(t_start: float) -> dict[str, float]:
+    """Wall time so far and the process's peak resident memory (what a 30B export needs of the host)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"seconds": round(time.perf_counter() - t_start, 1), "peak_host_rss_bytes": int(peak)}
+
+
 def export_cli(
     checkpoint: str,
     out: Path,
@@ -327,4 +338,8 @@ def export_cli(
         path, Path(out), image_size=image_size, flavour=flavour, device=device, fused_qk_norm=fused_qk_norm
     )
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
-    print(f"bundle written: {bundle}  ({size / 2**20:.1f} MiB)")
+    run = json.loads((bundle / MANIFEST).read_text())["builder"]["export"]
+    print(
+        f"bundle written: {bundle}  ({size / 2**20:.1f} MiB) in {run['seconds']:.0f} s, "
+        f"peak host memory {run['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+    )
