@@ -3,7 +3,8 @@ training phase from a pack (omniedge.training.stream with its SpeechMaker), on t
 
     python -m omniedge.bench.speech_stream PACK_DIR [--batches 3] [--json out.json]
 
-Reports per phase: seconds per batch, synthesised utterances and audio seconds per second (one core),
+Reports per phase: CPU and wall seconds per batch, synthesised utterances and audio seconds per CPU
+second (one core; torch on one thread as in the DataLoader workers),
 and over all utterances made: the share of distinct texts and of distinct (text, voice) pairs. The
 training's steps need (utterances per step) / (utterances per second per process) processes to keep up.
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 
 def measure(pack: Path, batches: int, seed: int = 0) -> dict[str, Any]:
+    import torch
     from tokenizers import Tokenizer
 
     from omniedge.training.batches import ChatTokens
@@ -29,6 +31,7 @@ def measure(pack: Path, batches: int, seed: int = 0) -> dict[str, Any]:
     from omniedge.training.synth import SpeechMaker, read_speech_texts
     from omniedge.training.train import default_phases
 
+    torch.set_num_threads(1)  # as in the training's batch-making processes (torch's DataLoader workers)
     tok = Tokenizer.from_file(str(pack / "tokenizer.json"))
     ct = ChatTokens.from_tokenizer(tok)
     data = {t: load_pack_examples(pack, t, "train") for t in ("text", "image")}
@@ -41,16 +44,18 @@ def measure(pack: Path, batches: int, seed: int = 0) -> dict[str, Any]:
     for phase in default_phases():
         spec = StreamSpec(phase.batch, phase.words_fraction, phase.curriculum_steps)
         utts = spec.batch.get("speech", 0) + spec.batch.get("mixed", 0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         frames = 0
         for i in range(batches):
             b = draw_batch(ct, data, spec, rng, maker, step=i * 50)
             frames += int(b["feature_attention_mask"].sum())
-        dt = (time.perf_counter() - t0) / batches
+        wall = (time.perf_counter() - t0) / batches
+        dt = (time.process_time() - c0) / batches  # CPU time: this machine's cores are shared
         audio_s = frames / batches / 100.0
         out["phases"][phase.name] = {
             "batch": spec.batch,
-            "seconds_per_batch": round(dt, 3),
+            "cpu_seconds_per_batch": round(dt, 3),
+            "wall_seconds_per_batch": round(wall, 3),
             "utterances_per_s": round(utts / dt, 1),
             "audio_s_per_s": round(audio_s / dt, 1),
             "mean_utterance_s": round(audio_s / utts, 2),

@@ -94,6 +94,23 @@ def test_stream_utterances_vary_and_say_only_training_texts() -> None:
     assert va == vb and np.array_equal(a, b)  # deterministic for a seed
 
 
+def test_noise_colours_and_rooms() -> None:
+    from omniedge.data.speech_stream import coloured_noise, room_impulse
+
+    rng = np.random.default_rng(0)
+    f = np.fft.rfftfreq(2**15, 1 / 16000)
+    lo, hi = (f > 100) & (f < 200), (f > 3200) & (f < 6400)  # five octaves apart
+    for colour, slope in (("white", 0.0), ("pink", -3.0), ("brown", -6.0)):
+        x = coloured_noise(2**15, colour, rng)
+        p = np.abs(np.fft.rfft(x)) ** 2
+        assert abs(float(np.sqrt(np.mean(x**2))) - 1) < 1e-6
+        assert abs(10 * np.log10(p[hi].mean() / p[lo].mean()) / 5 - slope) < 0.7, colour
+    h = room_impulse(0.4, rng)
+    assert h[0] == 1.0 and len(h) == 6400
+    energy = np.cumsum(h[1:][::-1] ** 2)[::-1]  # Schroeder decay of the tail
+    assert 10 * np.log10(energy[int(0.3 * 16000)] / energy[40]) < -30
+
+
 def test_fast_log_mel_equals_the_runtime_log_mel() -> None:
     from omniedge.runtime.preprocess import log_mel
     from omniedge.training.synth import log_mel_fast
@@ -292,3 +309,24 @@ def test_ctc_training_on_cpu_learns_to_hear_words(tmp_path: Path) -> None:
     ctc = [r["ctc"] for r in curve if "ctc" in r]
     assert ctc[-1] < 0.5 * ctc[0], ctc
     assert val[-1] <= 0.5, val
+
+
+@needs_espeak
+def test_espeak_payload_speaks_from_where_it_is_unpacked(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tarfile
+
+    from omniedge.data.espeak_payload import make_payload
+
+    tarball = make_payload(tmp_path / "espeakng_loader-en.tar.xz")
+    assert tarball.stat().st_size < 2_000_000
+    site = tmp_path / "site"
+    with tarfile.open(tarball) as tar:
+        tar.extractall(site, filter="data")
+    assert not [p for p in site.rglob("*_dict") if p.name != "en_dict"]
+    code = ("import espeakng_loader, sys; from omniedge.data import speech; "
+            "assert espeakng_loader.__file__.startswith(sys.argv[1]), espeakng_loader.__file__; "
+            "x = speech.speak_16k('hello there', 'en-gb-scotland+m3'); assert len(x) > 8000")  # fmt: skip
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code, str(site)], check=True, env=env, timeout=120)

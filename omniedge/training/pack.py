@@ -177,6 +177,8 @@ def write_pack(
                 if speech_texts and split == "train" and task in SYNTHESISED:
                     continue
                 recs = read_records(root, task, split)[: (limits or {}).get(f"{task}/{split}")]
+                if not recs:
+                    continue
                 if task == "text":
                     arrays = _text_arrays(tokenizer, recs, max_text_len)
                     n = len(arrays["offsets"]) - 1

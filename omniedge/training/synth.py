@@ -6,7 +6,7 @@ the audio must be heard), spoken by a random training voice with noise and rever
 (omniedge.data.speech_stream). Mixed: a count / colour / shape / where question about a training scene,
 spoken the same way. Every example carries the token ids of what its audio says (`spoken`), the target of
 the CTC loss on the audio encoder. Features are the runtime's Whisper log-mel, computed with torch.stft
-(equal to omniedge.runtime.preprocess.log_mel within 1e-5, 20x faster; tested).
+(float32; equal to omniedge.runtime.preprocess.log_mel within 2e-5 and ~5x faster on one thread; tested).
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ def _mel_constants() -> tuple[Any, Any]:
 
     from omniedge.runtime.preprocess import mel_filter_bank
 
-    bank = mel_filter_bank(N_MELS, 400, SAMPLING_RATE, 0.0, SAMPLING_RATE / 2)
-    return torch.hann_window(400, dtype=torch.float64), torch.from_numpy(bank)
+    bank = mel_filter_bank(N_MELS, 400, SAMPLING_RATE, 0.0, SAMPLING_RATE / 2).astype(np.float32)
+    return torch.hann_window(400), torch.from_numpy(bank)
 
 
 def log_mel_fast(audio: np.ndarray) -> np.ndarray:
     """Whisper log-mel [128, len // 160] of int16 (or float in [-1, 1]) 16 kHz audio, by torch.stft."""
     import torch
 
-    x = audio.astype(np.float64) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float64)
+    x = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
     window, bank = _mel_constants()
     spec = torch.stft(
         torch.from_numpy(x), 400, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
@@ -50,7 +50,7 @@ def log_mel_fast(audio: np.ndarray) -> np.ndarray:
     mel = (spec.real**2 + spec.imag**2).T[:-1] @ bank  # [frames, n_mels]; Whisper drops the last frame
     logs = torch.clamp(mel, min=1e-10).log10()
     logs = torch.maximum(logs, logs.max() - 8.0)
-    return ((logs + 4.0) / 4.0).T.float().numpy()
+    return ((logs + 4.0) / 4.0).T.numpy()
 
 
 def ctc_target(tokenizer: Any, text: str) -> list[int]:
