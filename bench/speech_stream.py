@@ -12,8 +12,10 @@ training's steps need (utterances per step) / (utterances per second per process
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,57 @@ def measure(pack: Path, batches: int, seed: int = 0) -> dict[str, Any]:
     pairs = {(t, sample_voice(rng).voice) for t in said}
     out["distinct_texts_share"] = round(len(set(said)) / len(said), 3)
     out["distinct_text_voice_share"] = round(len(pairs) / len(said), 3)
-    out["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    import os
+
+    out["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 1),  # a shared machine: wall times stretch with it
+        "python": platform.python_version(),
+    }
+    return out
+
+
+def label_rates(pack: Path, n: int = 150, seed: int = 0) -> dict[str, Any]:
+    """Why CTC over BPE: labels per second of speech against the encoder's 13 tokens per second.
+
+    `n` training sentences spoken at 120 / 175 / 230 words per minute (the training's range) by training
+    voices; an utterance is infeasible for CTC when its labels plus repeated neighbours outnumber the
+    audio tokens (characters with spaces, or the CTC targets' BPE tokens).
+    """
+    from tokenizers import Tokenizer
+
+    from omniedge.data import speech
+    from omniedge.training.batches import audio_token_count
+    from omniedge.training.synth import ctc_target, read_speech_texts
+
+    tok = Tokenizer.from_file(str(pack / "tokenizer.json"))
+    sentences = read_speech_texts(pack)[0]
+    rng = np.random.default_rng(seed)
+    pick = [sentences[int(i)] for i in rng.choice(len(sentences), n, replace=False)]
+
+    def need(labels: list[Any]) -> int:
+        return len(labels) + sum(a == b for a, b in itertools.pairwise(labels))
+
+    out: dict[str, Any] = {}
+    for wpm in (120, 175, 230):
+        rows = []
+        for i, s in enumerate(pick):
+            x = speech.speak_16k(s, f"en-us+{speech.VARIANTS['train'][i % 24]}", wpm, 50)
+            v = np.flatnonzero(np.abs(x) > 1e-3)
+            x = x[max(0, v[0] - 1600) : v[-1] + 1600]  # 100 ms margins, as the dataset's utterances
+            tokens, sec, ids = audio_token_count(len(x) // 160), len(x) / 16000, ctc_target(tok, s)
+            rows.append((len(s) / sec, len(ids) / sec, need(list(s)) > tokens, need(ids) > tokens))
+        a = np.array(rows, dtype=np.float64)
+        out[str(wpm)] = {
+            "chars_per_s": round(float(a[:, 0].mean()), 1),
+            "bpe_per_s": round(float(a[:, 1].mean()), 1),
+            "char_ctc_infeasible_share": round(float(a[:, 2].mean()), 3),
+            "bpe_ctc_infeasible_share": round(float(a[:, 3].mean()), 3),
+        }
+    out["bpe_tokens_per_word"] = round(
+        float(np.mean([len(ctc_target(tok, s)) / len(s.split()) for s in sentences[:5000]])), 2
+    )
     return out
 
 
@@ -78,7 +130,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    res = measure(a.pack, a.batches)
+    res = {"command": "python -m omniedge.bench.speech_stream " + " ".join(sys.argv[1:]),
+           **measure(a.pack, a.batches), "ctc_label_rates": label_rates(a.pack)}  # fmt: skip
     text = json.dumps(res, indent=1)
     print(text)
     if a.json:

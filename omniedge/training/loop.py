@@ -99,7 +99,13 @@ def run_phase(run: Run, state: RunState, opt_state: dict[str, Any] | None) -> tu
     def loss_of(batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
             return forward_losses(
-                run.model, batch, cfg.router_aux_loss_coef, cfg.task_weight, run.head, phase.ctc_weight, phase.lm
+                run.model,
+                batch,
+                cfg.router_aux_loss_coef,
+                cfg.task_weight,
+                run.head,
+                phase.ctc_weight,
+                phase.lm,
             )
 
     batch = to_device(next(batches), run.device)
@@ -177,7 +183,9 @@ def run_phase(run: Run, state: RunState, opt_state: dict[str, Any] | None) -> tu
     return finished, opt
 
 
-def _log(state: RunState, window: list[dict[str, float]], phase: str, lr: float, seconds: float) -> dict[str, Any]:
+def _log(
+    state: RunState, window: list[dict[str, float]], phase: str, lr: float, seconds: float
+) -> dict[str, Any]:
     """One curve record: the mean of each logged value over the steps since the last record."""
     rec: dict[str, Any] = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
     rec.update(phase=phase, step=state.step, lr=lr, seconds=round(seconds, 1))
@@ -220,7 +228,9 @@ def evaluate_loss(
     return out
 
 
-def ctc_transcripts(model: Any, head: Any, tok: Any, ct: ChatTokens, exs: list[Example], device: Any) -> list[str]:
+def ctc_transcripts(
+    model: Any, head: Any, tok: Any, ct: ChatTokens, exs: list[Example], device: Any
+) -> list[str]:
     """What the CTC head reads from each example's audio (greedy), as text."""
     import torch
 

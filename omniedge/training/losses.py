@@ -155,9 +155,7 @@ def forward_losses(
     from omniedge.models.family import thinker_of
 
     use_ctc = ctc_head is not None and ctc_weight > 0 and "ctc_targets" in batch
-    model_kwargs = {
-        k: v for k, v in batch.items() if k not in ("labels", "task_of_row", *CTC_KEYS)
-    }
+    model_kwargs = {k: v for k, v in batch.items() if k not in ("labels", "task_of_row", *CTC_KEYS)}
     logged: dict[str, float] = {}
     total: Any = 0.0
     hidden = None

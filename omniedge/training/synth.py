@@ -45,7 +45,13 @@ def log_mel_fast(audio: np.ndarray) -> np.ndarray:
     x = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
     window, bank = _mel_constants()
     spec = torch.stft(
-        torch.from_numpy(x), 400, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
+        torch.from_numpy(x),
+        400,
+        HOP_LENGTH,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
     )
     mel = (spec.real**2 + spec.imag**2).T[:-1] @ bank  # [frames, n_mels]; Whisper drops the last frame
     logs = torch.clamp(mel, min=1e-10).log10()
@@ -123,4 +129,3 @@ def read_speech_texts(pack: str | Path) -> tuple[list[str], list[str], set[str]]
     if not (p / SENTENCES).is_file():
         return [], [], set()
     return read_lines(p / SENTENCES), read_lines(p / WORDS), set(read_lines(p / HELD_OUT))
-

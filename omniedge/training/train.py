@@ -237,7 +237,12 @@ def _finish(run: Run, state: RunState, pack: Path, meta: dict[str, Any], out: Pa
     model.generation_config.eos_token_id = run.ct.im_end
     model.generation_config.pad_token_id = run.ct.pad
     restore_encoder_attention(model)
-    settings = {**state.settings, "steps": state.totals, "kernels": state.kernels, "rollbacks": state.rollbacks}
+    settings = {
+        **state.settings,
+        "steps": state.totals,
+        "kernels": state.kernels,
+        "rollbacks": state.rollbacks,
+    }
     if cfg.init:
         from omniedge.checkpoint import file_sha256
 
@@ -348,7 +353,9 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     encoder, joint = default_phases()
     encoder = replace(encoder, seconds=args.encoder_seconds, steps=args.encoder_steps)
-    joint = replace(joint, seconds=args.joint_seconds, steps=args.joint_steps, lr=args.lr, ctc_weight=args.ctc_weight)
+    joint = replace(
+        joint, seconds=args.joint_seconds, steps=args.joint_steps, lr=args.lr, ctc_weight=args.ctc_weight
+    )
     if args.batch:
         joint.batch = {**joint.batch, **args.batch}
     if args.encoder_batch:
