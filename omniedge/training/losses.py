@@ -4,9 +4,10 @@ on the audio encoder's output.
 CTC (connectionist temporal classification) makes the audio encoder's tokens spell what was said, over
 the BPE vocabulary plus a blank: the encoder must then learn acoustics, which the answer loss alone did
 not teach it (omni-mini memorised the training sentences instead). BPE rather than characters because the
-encoder makes 13 tokens per second and espeak-ng's fast voices say 15-19 characters per second, more than
-CTC can align; BPE needs about 3.5 (docs/omni-mini.md). The head (a linear layer on the encoder's
-output) is used only in training and is not part of the saved model.
+encoder makes 13 tokens per second, and the training voices say 12-23 characters per second (120-230
+words per minute), more than CTC can align for most utterances; their BPE targets come at 3-6 per second
+(measured: docs/omni-mini.md). The head (a linear layer on the encoder's output) is used only in
+training and is not part of the saved model.
 """
 
 from __future__ import annotations

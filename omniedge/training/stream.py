@@ -126,7 +126,7 @@ def batch_stream(
         Stream(),
         batch_size=None,
         num_workers=workers,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,  # batches in flight: 2 per worker (in shared memory)
         persistent_workers=workers > 0,
         pin_memory=pin,
     )
