@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -250,3 +251,22 @@ def ctc_wer(model: Any, head: Any, tok: Any, ct: ChatTokens, exs: list[Example],
 
     hyps = ctc_transcripts(model, head, tok, ct, exs, device)
     return round(word_error_rate([ex.reference for ex in exs], hyps).value, 4)
+
+
+def final_val_eval(model: Any, tok: Any, pack: Path, device: Any, image_size: int) -> dict[str, Any]:
+    """The eval suite on the pack's val split (unseen voices and layouts), fp32 compute on bf16 weights."""
+    import torch
+
+    from omniedge.eval.cli import format_result
+    from omniedge.eval.suite import TorchPredictor, run_suite, suite_data_from_pack
+
+    model.to(torch.float32)
+    model.set_experts_implementation("eager")
+    predictor = TorchPredictor(model, tok, device=str(device), image_size=image_size, batch_size=64)
+    res = run_suite(predictor, suite_data_from_pack(pack, "val"), progress=False)
+    print(
+        format_result({"model": "trained", "suite": "pack val split", "device": str(device), **res}),
+        flush=True,
+    )
+    model.to(torch.bfloat16)
+    return res

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from omniedge.data.build import MIXED_PROMPT
+from omniedge.data.build import MIXED_TASKS as MIXED_KINDS
 from omniedge.training.batches import ASR_PROMPT, HOP_LENGTH, N_MELS, SAMPLING_RATE, Example
 
-MIXED_PROMPT = "answer the spoken question about the image."  # omniedge.data.build.MIXED_PROMPT
-MIXED_KINDS = ("count", "colour", "shape", "where")  # omniedge.data.build.MIXED_TASKS
 WORD_STRING = (1, 5)  # words in a random-word utterance
 WORD_POOL = 2000  # random words come from this many most frequent training words (the test's vocabulary)
 SENTENCES, WORDS, HELD_OUT = "speech_sentences.txt.xz", "speech_words.txt.xz", "speech_held_out.txt.xz"

@@ -31,7 +31,7 @@ from omniedge.atomic import atomic_write_json
 from omniedge.errors import OmniedgeError
 from omniedge.outputs import CHECKPOINT, check_replaceable
 from omniedge.training.batches import ChatTokens
-from omniedge.training.loop import Run, run_phase
+from omniedge.training.loop import Run, final_val_eval, run_phase
 from omniedge.training.pack import SYNTHESISED, load_pack_examples, read_pack_meta, write_pack
 from omniedge.training.state import DivergenceGuard, RunState, load_state, save_state, settings_differ
 from omniedge.training.stream import TRAIN_TASKS
@@ -282,25 +282,6 @@ def _finish(run: Run, state: RunState, pack: Path, meta: dict[str, Any], out: Pa
     elif cfg.final_eval:
         print(f"final val eval skipped: {left:.0f}s left before the deadline", flush=True)
     return out
-
-
-def final_val_eval(model: Any, tok: Any, pack: Path, device: Any, image_size: int) -> dict[str, Any]:
-    """The eval suite on the pack's val split (unseen voices and layouts), fp32 compute on bf16 weights."""
-    import torch
-
-    from omniedge.eval.cli import format_result
-    from omniedge.eval.suite import TorchPredictor, run_suite, suite_data_from_pack
-
-    model.to(torch.float32)
-    model.set_experts_implementation("eager")
-    predictor = TorchPredictor(model, tok, device=str(device), image_size=image_size, batch_size=64)
-    res = run_suite(predictor, suite_data_from_pack(pack, "val"), progress=False)
-    print(
-        format_result({"model": "trained", "suite": "pack val split", "device": str(device), **res}),
-        flush=True,
-    )
-    model.to(torch.bfloat16)
-    return res
 
 
 # ---------------------------------------------------------------- CLI
