@@ -178,6 +178,9 @@ def run_phase(run: Run, state: RunState, opt_state: dict[str, Any] | None) -> tu
         _log(state, window, phase.name, lr_at(state.step, total or 10**9, phase.lr, phase.warmup_steps,
              cfg.min_lr_ratio), spent0 + time.perf_counter() - t0)  # fmt: skip
     state.seconds[pi] = spent0 + time.perf_counter() - t0
+    ran, took = state.step - s0, time.perf_counter() - t0
+    print(f"\n{phase.name}: steps {s0}-{state.step} of {total or '?'} in {took:.0f}s"
+          f" ({1000 * took / max(1, ran):.0f} ms/step)", flush=True)  # fmt: skip
     state.lr_scale = guard.lr_scale
     state.rollbacks += [int(r) for r in guard.rollbacks]
     state.segments.append({"phase": phase.name, "first_step": s0, "last_step": state.step})
