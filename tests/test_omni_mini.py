@@ -197,7 +197,7 @@ def test_precomputed_mrope_positions_match_transformers(tok) -> None:  # type: i
 def test_divergence_guard_rolls_back_and_halves_the_lr() -> None:
     import torch
 
-    from omniedge.training.train import DivergenceGuard
+    from omniedge.training.state import DivergenceGuard
 
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
@@ -267,11 +267,13 @@ def test_pack_roundtrip_and_two_step_cpu_training(tmp_path: Path) -> None:
 
     from omniedge.checkpoint import load_checkpoint, read_meta
     from omniedge.training.pack import load_pack_examples, read_pack_meta, write_pack
-    from omniedge.training.train import TrainConfig, train
+    from omniedge.training.train import Phase, TrainConfig, train
 
     root = _toy_dataset(tmp_path / "ds")
     tk = train_tokenizer(corpus_texts(root), 600)
-    pack = write_pack(root, tmp_path / "pack", tk, image_size=64, splits=("train", "val"), mel_levels=16)
+    pack = write_pack(
+        root, tmp_path / "pack", tk, image_size=64, splits=("train", "val"), mel_levels=16, speech_texts=False
+    )  # training audio packed (the synthesised path: tests/test_training_speech.py)
     assert read_pack_meta(pack)["counts"]["speech/train"] == 4
     for task in ("image", "speech", "mixed", "text"):
         packed = load_pack_examples(pack, task, "train")
@@ -285,14 +287,15 @@ def test_pack_roundtrip_and_two_step_cpu_training(tmp_path: Path) -> None:
                 step = (b.mel.max() - b.mel.min()) / 15
                 assert a.mel.shape == b.mel.shape and np.abs(a.mel - b.mel).max() <= step / 2 + 1e-5
 
-    cfg = TrainConfig(steps=2, warmup_steps=1, batch={"text": 1, "image": 2, "speech": 2, "mixed": 1},
-                      val_every=2, val_examples=2, final_eval=False, loader_workers=1)  # fmt: skip
+    joint = Phase("joint", {"text": 1, "image": 2, "speech": 2, "mixed": 1}, steps=2, warmup_steps=1)
+    cfg = TrainConfig(phases=[joint], val_every=2, val_examples=2, final_eval=False, loader_workers=1)
     out = train(pack, tmp_path / "ck", cfg, "cpu")
     meta = read_meta(out)
     curve = meta["training"]["curve"]
-    assert meta["training"]["settings"]["steps"] == 2
-    assert meta["training"]["settings"]["encoder_attention"] == "flash_blockdiag_sdpa"  # checked equal, kept
+    assert meta["training"]["settings"]["steps"] == [2]
+    assert meta["training"]["settings"]["kernels"]["encoder_attention"] == "flash_blockdiag_sdpa"  # checked
     assert all(np.isfinite(v) for v in curve[-1]["val"].values()) and curve[0]["aux"] > 0
+    assert curve[0]["ctc"] > 0  # packed speech has its transcript as the CTC target
     model, tok2 = load_checkpoint(out)
     assert tok2.get_vocab_size() == tk.get_vocab_size()
     assert next(model.parameters()).dtype == torch.float32

@@ -134,6 +134,8 @@ def test_training_pack_and_training_refuse_a_foreign_folder(tmp_path: Path) -> N
     (pack / "pack.json").write_text(json.dumps({"schema": 1, "image_size": 64}))
     with pytest.raises(OmniedgeError, match="not a previous omniedge checkpoint"):
         train(pack, work, TrainConfig(), "cpu")
+    with pytest.raises(OmniedgeError, match="not a training run state"):
+        train(pack, tmp_path / "new", TrainConfig(), "cpu", state_dir=work)
     assert _untouched(work)
 
 

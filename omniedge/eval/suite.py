@@ -185,6 +185,8 @@ def suite_data_from_pack(pack: str | Path, split: str = "val", limit: int | None
         for ex in load_pack_examples(pack, t, "train"):
             by_kind[ex.kind][ex.reference] += 1
         majority[t] = {k: c.most_common(1)[0][0] for k, c in by_kind.items()}
+    if not majority["mixed"]:  # spoken questions are synthesised in training: the scene questions' answers
+        majority["mixed"] = majority["image"]
     return SuiteData({t: v for t, v in examples.items() if v}, counts, majority, str(pack))
 
 

@@ -21,8 +21,13 @@ IMAGE_SIZE = 64  # square side the image is resized to: (64/16)^2 = 16 patches -
 TASKS = ("text", "image", "speech", "mixed")
 
 
-def omni_mini_config_dict(vocab_size: int, special: dict[str, int]) -> dict[str, Any]:
-    """Kwargs for Qwen3OmniMoeConfig (thinker only); `special` maps token names to ids."""
+def omni_mini_config_dict(
+    vocab_size: int, special: dict[str, int], audio_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Kwargs for Qwen3OmniMoeConfig (thinker only); `special` maps token names to ids.
+
+    `audio_overrides` replaces audio-encoder settings (a smaller encoder for CPU tests of training).
+    """
     text = dict(
         vocab_size=vocab_size,
         hidden_size=256,
@@ -62,6 +67,7 @@ def omni_mini_config_dict(vocab_size: int, special: dict[str, int]) -> dict[str,
         downsample_hidden_size=48,
         max_source_positions=1500,
     )
+    audio.update(audio_overrides or {})
     vision = dict(
         depth=2,
         hidden_size=128,
@@ -108,7 +114,7 @@ def corpus_texts(dataset_root: str | Path, split: str = "train") -> Iterator[str
     yield ASR_PROMPT
 
 
-def build_omni_mini(tokenizer: Any, seed: int = 0) -> Any:
+def build_omni_mini(tokenizer: Any, seed: int = 0, audio_overrides: dict[str, Any] | None = None) -> Any:
     """A freshly initialised omni-mini (fp32, train mode) for a tokenizer; deterministic for a seed.
 
     The audio tower's convolutions get a variance-preserving (Kaiming) init: transformers' N(0, 0.02)
@@ -121,7 +127,8 @@ def build_omni_mini(tokenizer: Any, seed: int = 0) -> Any:
     from omniedge.models.family import thinker_parts
     from omniedge.models.tokenizer import special_ids
 
-    cfg = Qwen3OmniMoeConfig(**omni_mini_config_dict(tokenizer.get_vocab_size(), special_ids(tokenizer)))
+    ids = special_ids(tokenizer)
+    cfg = Qwen3OmniMoeConfig(**omni_mini_config_dict(tokenizer.get_vocab_size(), ids, audio_overrides))
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(cfg)
     audio = thinker_parts(model).audio_tower

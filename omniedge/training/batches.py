@@ -81,6 +81,7 @@ class Example:
     reference: str = ""  # the answer as text (accuracy, WER)
     group: str = ""  # bootstrap unit: document id, image, voice ...
     kind: str = ""  # question type (count, colour, photo, ...) for per-kind scores
+    spoken: list[int] | None = None  # token ids of what the audio says (the CTC target), when known
 
 
 def audio_token_count(frames: int, n_window: int = 50) -> int:
@@ -143,11 +144,14 @@ def collate(
     *,
     generation: bool = False,
     positions: bool = False,
+    ctc: bool = False,
     device: Any = "cpu",
 ) -> dict[str, Any]:
     """Model kwargs for a batch: right-padded with labels for training, left-padded prompts for generation.
 
     `positions=True` (training only) adds precomputed M-RoPE `position_ids` [3, batch, width].
+    `ctc=True` adds what the audio of each example with audio says, for the CTC loss (not model kwargs):
+    `ctc_targets` (token ids, concatenated) and `ctc_target_lengths` (0 where `spoken` is unknown).
     """
     import torch
 
@@ -187,6 +191,10 @@ def collate(
             fmask[i, : m.shape[1]] = 1
         out["input_features"] = torch.from_numpy(feats)
         out["feature_attention_mask"] = torch.from_numpy(fmask)
+        if ctc:
+            said = [ex.spoken or [] for ex in examples if ex.mel is not None]
+            out["ctc_targets"] = torch.tensor([t for s in said for t in s], dtype=torch.long)
+            out["ctc_target_lengths"] = torch.tensor([len(s) for s in said], dtype=torch.long)
     return {k: v.to(device) for k, v in out.items()}
 
 

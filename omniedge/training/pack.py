@@ -6,6 +6,11 @@ reshape) however many questions ask about it, and log-mel quantized per utteranc
 levels between its min and max (16 by default: one step is 1/15 of a range that Whisper's
 normalisation caps at 2; training dithers it back). One `<task>_<split>.npz.xz` (npz in LZMA) per task
 split, plus tokenizer.json and pack.json.
+
+Speech for training is synthesised where the training runs (omniedge.training.synth), so by default the
+pack holds no training audio: it carries what that speech says instead (omniedge.data.speech_corpus:
+the training sentences and clauses, the vocabulary, and the held-out texts they exclude), xz text files
+of about 1 MB in all. Validation audio (held-out voices) is packed as log-mel as before.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from omniedge.training.batches import (
     text_examples,
 )
 
-PACK_SCHEMA = 1
+PACK_SCHEMA = 2  # 2: speech text lists instead of training audio
+SYNTHESISED = ("speech", "mixed")  # tasks whose training examples are synthesised while training
 MEDIA_TASKS = ("image", "speech", "mixed")
 
 
@@ -142,8 +148,12 @@ def write_pack(
     max_text_len: int = 256,
     mel_levels: int = 16,
     limits: dict[str, int] | None = None,
+    speech_texts: bool = True,
 ) -> Path:
-    """Tokenize and featurize a dataset into a pack directory (atomic); returns its path."""
+    """Tokenize and featurize a dataset into a pack directory (atomic); returns its path.
+
+    `speech_texts`: write the speech text lists and leave out the training audio of SYNTHESISED tasks.
+    """
     root = Path(dataset_root)
     manifest = root / "manifest.json"
     meta: dict[str, Any] = {
@@ -158,11 +168,17 @@ def write_pack(
     }
     with atomic_dir(out, TRAINING_PACK) as tmp:
         tokenizer.save(str(tmp / "tokenizer.json"))
+        if speech_texts:
+            meta["speech_texts"] = _write_speech_texts(root, tmp)
         for task in tasks:
             for split in splits:
                 if not (root / task / f"{split}.jsonl").is_file():
                     continue
+                if speech_texts and split == "train" and task in SYNTHESISED:
+                    continue
                 recs = read_records(root, task, split)[: (limits or {}).get(f"{task}/{split}")]
+                if not recs:
+                    continue
                 if task == "text":
                     arrays = _text_arrays(tokenizer, recs, max_text_len)
                     n = len(arrays["offsets"]) - 1
@@ -175,6 +191,28 @@ def write_pack(
         meta["tokenizer_sha256"] = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
         atomic_write_json(tmp / "pack.json", meta)
     return Path(out)
+
+
+def _write_speech_texts(root: Path, out: Path) -> dict[str, int]:
+    """The training speech texts of a dataset and the held-out texts they exclude, as pack files."""
+    from omniedge.data.speech_corpus import held_out_texts, training_texts, write_lines
+    from omniedge.training.synth import HELD_OUT, SENTENCES, WORDS
+
+    def rows(task: str, split: str) -> list[dict[str, Any]]:
+        return read_records(root, task, split) if (root / task / f"{split}.jsonl").is_file() else []
+
+    docs = {s: [r["text"] for r in rows("text", s)] for s in ("train", "val", "test")}
+    spoken = [r.get("text", "") for s in ("val", "test") for r in rows("speech", s)]
+    held = held_out_texts(docs["val"] + docs["test"], spoken)
+    sentences, words = training_texts(docs["train"], held)
+    if not sentences:
+        raise OmniedgeError(
+            f"{root} has no training sentences to speak", "build the dataset with its text task"
+        )
+    write_lines(out / SENTENCES, sentences)
+    write_lines(out / WORDS, words)
+    write_lines(out / HELD_OUT, sorted(held))
+    return {"sentences": len(sentences), "words": len(words), "held_out": len(held)}
 
 
 def read_pack_meta(pack: str | Path) -> dict[str, Any]:
