@@ -6,7 +6,6 @@ The suite is the one `omniedge eval` runs (omniedge.eval.suite) on a held-out su
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 
@@ -56,6 +55,18 @@ def recovered_share(
     return out
 
 
+def retention_of(teacher: dict[str, Any] | None, student: dict[str, Any] | None) -> dict[str, float]:
+    """Per task, the student's score as a share of the teacher's (`omniedge eval --compare`'s retention)."""
+    from omniedge.eval.metrics import retention
+
+    out = {}
+    for task, r in (teacher or {}).get("tasks", {}).items():
+        s = (student or {}).get("tasks", {}).get(task)
+        if s is not None:
+            out[task] = round(retention(r["value"], s["value"], r["lower_is_better"]), 4)
+    return out
+
+
 def line(res: dict[str, Any] | None) -> str:
     """One line: task=value [lo, hi] per task."""
     parts = []
@@ -67,8 +78,3 @@ def line(res: dict[str, Any] | None) -> str:
                 f"{task} {r['metric']} {100 * r['value']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
             )
     return "; ".join(parts)
-
-
-@contextlib.contextmanager
-def nothing() -> Any:
-    yield

@@ -107,6 +107,36 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
+    def _loader(self, first_step: int) -> Any:
+        """This process's micro-batches from `first_step` on, made ahead in worker processes on a GPU
+        machine (collating 288 examples with M-RoPE positions takes ~80 ms of Python)."""
+        import torch
+
+        plan, data, ct, rank, accum = self.plan, self.data, self.ct, self.acc.process_index, self.s.grad_accum
+
+        class MicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+            def __len__(self) -> int:
+                return 1 << 40  # as many as the run needs
+
+            def __getitem__(self, j: int) -> tuple[int, list[int], dict[str, Any]]:
+                from omniedge.training.batches import collate
+
+                step, m = divmod(j, accum)
+                ids = plan.micro_batches(first_step + step, rank)[m]
+                return first_step + step, ids, collate(ct, [data.examples[i] for i in ids], positions=True)
+
+        workers = (
+            self.s.loader_workers
+            if self.s.loader_workers is not None
+            else (4 if self.acc.device.type == "cuda" else 0)
+        )
+        return iter(
+            torch.utils.data.DataLoader(
+                MicroBatches(), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                pin_memory=self.acc.device.type == "cuda", persistent_workers=False,
+            )
+        )  # fmt: skip
+
     def _teacher_targets(self, ids: list[int], batch: dict[str, Any], labels: Any) -> Any:
         import torch
 
@@ -128,18 +158,16 @@ class Trainer:
         """One optimizer step over this process's micro-batches; returns the global sums."""
         import torch
 
-        from omniedge.training.batches import collate
-
         lr = lr_at(step, total, self.s)
         for g in self.opt.param_groups:
             g["lr"] = lr
         norm = self.plan.step_tokens(step) / (self.acc.num_processes * self.s.grad_accum)
         sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # ce, kl, tokens, examples
         grad_norm = float("nan")
-        for ids in self.plan.micro_batches(step, self.acc.process_index):
-            batch = collate(
-                self.ct, [self.data.examples[i] for i in ids], positions=True, device=self.acc.device
-            )
+        for _ in range(self.s.grad_accum):
+            got_step, ids, batch = next(self._batches)
+            assert got_step == step, (got_step, step)
+            batch = {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             teacher = self._teacher_targets(ids, batch, labels)
             with self.acc.accumulate(self.model):
@@ -223,7 +251,8 @@ class Trainer:
             total=self.state["total"], initial=self.state["step"], desc="distill", unit="step",
             disable=not (self.progress and self.acc.is_main_process), file=sys.stdout, mininterval=5,
         )  # fmt: skip
-        window: list[dict[str, float]] = []
+        self._batches = self._loader(self.state["step"])
+        window: list[dict[str, float]] = self.state.setdefault("window", [])  # checkpointed with the rest
         durations: list[float] = []
         try:
             while self.state["total"] is None or self.state["step"] < self.state["total"]:
@@ -244,7 +273,7 @@ class Trainer:
                 last = step == self.state["total"]
                 if step % self.s.log_every == 0 or last:
                     self._log(step, rec, window)
-                    window = []
+                    window.clear()
                 if (
                     self.evaluate is not None
                     and self.s.eval_every
@@ -256,6 +285,7 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+            del self._batches  # stops the loader's workers
         return self.state
 
     def _eval(self, step: int) -> None:

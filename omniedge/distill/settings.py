@@ -20,7 +20,7 @@ TRAIN_CHOICES = ("all", "experts", "lora")
 INT4_CHOICES = ("auto", "none", "after", "qat")
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that change what a run computes; the rest (how often to save, log, evaluate) do not.
-_NOT_IN_KEY = ("save_every", "eval_every", "eval_limit", "log_every")
+_NOT_IN_KEY = ("save_every", "eval_every", "eval_limit", "log_every", "loader_workers")
 
 
 def default_batch() -> dict[str, int]:
@@ -59,6 +59,7 @@ class DistillSettings:
     eval_every: int = 0  # 0: evaluate before and after only
     eval_limit: int = 64  # examples per task for the evals; 0: no evaluation
     log_every: int = 10
+    loader_workers: int | None = None  # batch-making processes; None: 4 on CUDA, 0 (in process) on the CPU
 
     def __post_init__(self) -> None:
         self.loss_weights()  # validates temperature and weights
