@@ -177,9 +177,11 @@ def distill(
     teacher_dtype = torch.bfloat16 if acc.device.type == "cuda" else torch.float32
     if teacher_cache is not None:
         k = min(settings.top_k or cache_k, vocab)  # k >= vocabulary: every logit, the exact KL
-        manifest = tc.open_cache(teacher_cache, teacher_path, identity, data, k, vocab, is_main=main)
+        if main:
+            tc.open_cache(teacher_cache, teacher_path, identity, data, k, vocab)
         acc.wait_for_everyone()
-        if not manifest.get("complete"):
+        manifest = tc.open_cache(teacher_cache, teacher_path, identity, data, k, vocab, is_main=False)
+        if not manifest.get("complete"):  # every process sees the same manifest: the main one wrote it
             th = thinker_of(pair.load(teacher_name, teacher_dtype).model).to(acc.device)
             _experts_impl(th, acc.device)
             tc.build(teacher_cache, tc.read_manifest(teacher_cache), th, student.tokenizer, data, device=acc.device,
