@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from omniedge.distill.cli import EPILOG as DISTILL_EPILOG
+from omniedge.distill.cli import add_arguments as add_distill_arguments
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.memory import BUDGET_HELP
 
@@ -25,6 +27,7 @@ EPILOGS = {
     "  omniedge info out/omni-bundle --memory-budget 6GB     # what stays resident, the context that fits",
     "serve": "example:\n  omniedge serve                    # default model on http://127.0.0.1:8000/v1\n"
     "  omniedge serve out/omni-bundle --memory-budget 24GB --media-root /bundles/media",
+    "distill": DISTILL_EPILOG,
     "eval": "example:\n  omniedge eval omni-mini --json eval.json\n"
     "  omniedge eval --compare omni-mini out/mini-int4      # retention table, student / teacher",
 }
@@ -173,6 +176,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-checksums", action="store_true", help="skip hashing the bundle's files (fast on a 30B bundle)"
     )
 
+    add_distill_arguments(
+        cmd(
+            "distill",
+            "Distil a teacher into a student (CE + T^2 KL, top-k or on the fly): checkpoint -> checkpoint.",
+        )
+    )
+
     v = cmd(
         "eval",
         "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95%% CIs).",
@@ -242,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             contexts=args.contexts,
             baseline=args.baseline,
         )
+    elif args.command == "distill":
+        from omniedge.distill.cli import distill_cli
+
+        distill_cli(args)
     elif args.command == "eval":
         from omniedge.eval.cli import eval_cli
 

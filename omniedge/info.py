@@ -69,6 +69,13 @@ def _describe_checkpoint(path: Path) -> list[str]:
             if by:
                 measured += "; KL " + ", ".join(f"{m} {v['kl']:.4g}" for m, v in by.items())
             lines.append(f"  stage     {st.get('name')}: {measured}")
+        d = meta.get("distill")
+        if isinstance(d, dict) and d.get("run"):
+            kept = ", ".join(f"{t} {100 * v:.1f}%" for t, v in (d.get("retention") or {}).items())
+            lines.append(
+                f"  distilled {d['run'].get('steps')} steps from {d.get('teacher', {}).get('path')} "
+                f"(INT4: {d.get('int4', {}).get('mode')})" + (f"; retention {kept}" if kept else "")
+            )
         run = meta.get("run")
         if run:
             gpu = run.get("gpu_peak_bytes")

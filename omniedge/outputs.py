@@ -82,6 +82,13 @@ WRITTEN_CHECKPOINT = OutputKind(
 CALIBRATION_PACK = OutputKind(
     "calibration pack", "pack.json", "omniedge.compress.calibration_pack", _has_keys("splits", "counts")
 )
+TEACHER_CACHE = OutputKind(
+    "teacher-logit cache",
+    "manifest.json",
+    "omniedge distill --teacher-cache",
+    lambda p: (_json_object(p) or {}).get("format") == "omniedge-teacher-topk",
+)
+DISTILL_RUN = OutputKind("distillation run directory", "run.json", "omniedge distill", _has_keys("key"))
 TEXT_SOURCE = OutputKind("unpacked text source", ".complete", "omniedge.data.sources.fetch")
 DEFAULT_BUNDLE_CACHE = OutputKind("cached default bundle", ".complete", "omniedge.defaults.default_bundle")
 

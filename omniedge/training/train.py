@@ -301,6 +301,13 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--tokenizer", type=Path, help="reuse this tokenizer.json instead of training one")
     k.add_argument("--splits", default="train,val", help="comma-separated splits to pack (default train,val)")
     k.add_argument("--val-limit", type=int, default=200, help="records per media task in the val split")
+    k.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="TASK/SPLIT=N",
+        help="first N records of a task split, e.g. speech/train=2400 (repeat; a smaller pack for a device call)",
+    )
     k.add_argument("--mel-levels", type=int, default=16, help="log-mel quantization levels (<= 256)")
     k.add_argument(
         "--train-audio",
@@ -371,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tok = train_tokenizer(corpus_texts(args.dataset, "train"), args.vocab_size or VOCAB_SIZE)
             splits = tuple(x for x in args.splits.split(",") if x)
             limits = {f"{t}/val": args.val_limit for t in ("image", "speech", "mixed")}
+            for item in args.limit:
+                where, _, n = item.partition("=")
+                if not n.isdigit() or where.count("/") != 1:
+                    raise OmniedgeError(
+                        f"--limit {item!r} is not TASK/SPLIT=N", "e.g. --limit speech/train=2400"
+                    )
+                limits[where] = int(n)
             write_pack(
                 args.dataset,
                 args.out,
