@@ -30,6 +30,7 @@ from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
 from omniedge.weights import TensorSource, fused_experts, layer_prefix
 
 INT64_MAX = 2**63 - 1
+EXPERTS_PER_LAYER = "omniedge_experts_per_layer"  # omniedge.int4_modules.EXPERTS_PER_LAYER (no torch here)
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,17 @@ class TextConfig:
     head_dim: int
     moe_intermediate: int
     dense_intermediate: int
-    experts: int
+    experts: int  # the most any layer has
     top_k: int
     norm_topk: bool
     eps: float
     vocab: int
     moe_layers: frozenset[int]
     max_positions: int
+    experts_per_layer: tuple[int, ...] = ()  # a non-uniformly pruned checkpoint's count per layer
+
+    def experts_of(self, layer: int) -> int:
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.experts
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TextConfig:
@@ -79,6 +84,7 @@ class TextConfig:
                 vocab=int(t["vocab_size"]),
                 moe_layers=moe,
                 max_positions=int(t.get("max_position_embeddings", 32768)),
+                experts_per_layer=tuple(int(c) for c in t.get(EXPERTS_PER_LAYER) or ()),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise OmniedgeError(
@@ -132,12 +138,11 @@ class _Weights:
         self.dtype = dtype
         q = config.get("omniedge_quantization") or {}
         self.group = int(q.get("group_size", 128)) if q else 128
-        if q and (
-            int(q.get("bits", 4)) != 4 or int(q.get("zero_point", 8)) != 8 or not q.get("symmetric", True)
-        ):
+        self.symmetric = bool(q.get("symmetric", True))
+        if q and (int(q.get("bits", 4)) != 4 or (self.symmetric and int(q.get("zero_point", 8)) != 8)):
             raise OmniedgeError(
-                f"the checkpoint's quantization {q.get('bits')} bits, zero point {q.get('zero_point')} is not "
-                "symmetric INT4 with zero point 8",
+                f"the checkpoint's quantization ({q.get('bits')} bits, zero point {q.get('zero_point')}) is not "
+                "INT4 with zero point 8 or per-group zero points",
                 "re-run `omniedge compress` with the INT4 quantize stage",
             )
 
@@ -151,20 +156,33 @@ class _Weights:
             )
         return self.source.get(name).float().numpy().astype(self.dtype)
 
-    def packed(self, name: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(qweight uint8 [..., N, nb, group/2], scales [..., N, nb] graph dtype) or None if not quantized."""
+    def packed(self, name: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(qweight uint8 [..., N, nb, group/2], scales [..., N, nb] graph dtype, packed zero points uint8
+        [..., N, ceil(nb/2)] or None for the implicit 8), or None if not quantized."""
         if f"{name}.qweight" not in self.names:
             return None
         qw = self.source.get(f"{name}.qweight").numpy()
         sc = self.source.get(f"{name}.scales").float().numpy().astype(self.dtype)
         nb = math.ceil(k / self.group)
-        if qw.dtype != np.uint8 or qw.shape[-2:] != (nb, self.group // 2) or sc.shape != qw.shape[:-1]:
+        zp = None
+        if not self.symmetric:
+            if f"{name}.zero_points" not in self.names:
+                raise OmniedgeError(
+                    f"{name} is asymmetric INT4 without zero points", "re-run `omniedge compress`"
+                )
+            zp = self.source.get(f"{name}.zero_points").numpy()
+        if (
+            qw.dtype != np.uint8
+            or qw.shape[-2:] != (nb, self.group // 2)
+            or sc.shape != qw.shape[:-1]
+            or (zp is not None and (zp.dtype != np.uint8 or zp.shape != (*sc.shape[:-1], -(-nb // 2))))
+        ):
             raise OmniedgeError(
                 f"{name}: packed INT4 of shape {qw.shape} / scales {sc.shape} does not fit K={k}, "
                 f"group {self.group}",
                 "re-run `omniedge compress`",
             )
-        return qw, sc
+        return qw, sc, zp
 
 
 class ThinkerBuilder:
@@ -185,11 +203,13 @@ class ThinkerBuilder:
             qw = np.concatenate([p[0] for p in packed], axis=0)  # type: ignore[index]
             sc = np.concatenate([p[1] for p in packed], axis=0)  # type: ignore[index]
             n = int(qw.shape[0])
-            bq = self.b.const(f"{tag}.qweight", qw)
-            bs = self.b.const(f"{tag}.scales", sc.reshape(-1))
+            ins = [x, self.b.const(f"{tag}.qweight", qw), self.b.const(f"{tag}.scales", sc.reshape(-1))]
+            if not self.w.symmetric:  # input 3: packed uint8 zero points [N * ceil(nb/2)]
+                zp = np.concatenate([p[2] for p in packed], axis=0)  # type: ignore[index]
+                ins.append(self.b.const(f"{tag}.zero_points", zp.reshape(-1)))
             return self.b.op(
                 "MatMulNBits",
-                [x, bq, bs],
+                ins,
                 domain=MS_DOMAIN,
                 name=tag,
                 K=k,
@@ -306,6 +326,16 @@ class ThinkerBuilder:
         self._check_experts(i, gate_up[0].shape[:2], down[0].shape[:2])
         fc1, s1, blocked1 = _qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
         fc2, s2, blocked2 = _qmoe_weight(down[0], down[1], inter, g)
+        zero_points: list[str] = []
+        if not self.w.symmetric:  # slots 11/12: fc1/fc2 zero points [E, N, ceil(nb/2)], rows as fc1's
+            if not blocked1:
+                raise OmniedgeError(
+                    f"QMoE zero points need expert widths ({h}, {inter}) that are multiples of the group {g}",
+                    "quantize with symmetric: true or a group that divides the widths",
+                )
+            zp1, zp2 = gate_up[2][:, order], down[2]  # type: ignore[index]
+            zero_points = ["", "", "", "", self.b.const(f"l{i}.fc1_zero_points", np.ascontiguousarray(zp1))]
+            zero_points.append(self.b.const(f"l{i}.fc2_zero_points", np.ascontiguousarray(zp2)))
         if blocked1 != blocked2:
             raise OmniedgeError(
                 f"QMoE needs both expert widths ({h}, {inter}) to be multiples of the group {g}, or both <= it",
@@ -327,6 +357,7 @@ class ThinkerBuilder:
                 "",
                 self.b.const(f"l{i}.fc2", fc2),
                 self.b.const(f"l{i}.fc2_scales", s2),
+                *zero_points,
             ],
             domain=MS_DOMAIN,
             name=f"l{i}.moe",
@@ -335,10 +366,10 @@ class ThinkerBuilder:
         return self.reshape(y, [1, -1, h])
 
     def _check_experts(self, i: int, fc1: tuple[int, ...], fc2: tuple[int, ...]) -> None:
-        c = self.cfg
-        if tuple(fc1) != (c.experts, 2 * c.moe_intermediate) or tuple(fc2) != (c.experts, c.hidden):
+        c, e = self.cfg, self.cfg.experts_of(i)
+        if tuple(fc1) != (e, 2 * c.moe_intermediate) or tuple(fc2) != (e, c.hidden):
             raise OmniedgeError(
-                f"layer {i}: experts are {tuple(fc1)} / {tuple(fc2)}, the config says {c.experts} experts of "
+                f"layer {i}: experts are {tuple(fc1)} / {tuple(fc2)}, the config says {e} experts of "
                 f"intermediate {c.moe_intermediate}",
                 "the config and weights disagree: re-run `omniedge compress`",
             )
@@ -390,15 +421,22 @@ def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
     """What one decode step must read and compute, counted from the graph's initializers: every dense weight
     (attention, norms, routers, lm_head) each token; of the experts only the top-k of each MoE layer; plus the
     KV cache, which grows with the context. The bench's roofline and Orin projection start from this."""
-    expert = sum(n for name, n in b.sizes.items() if ".fc1" in name or ".fc2" in name)
+    by_layer: dict[int, int] = {}
+    for name, n in b.sizes.items():
+        if ".fc1" in name or ".fc2" in name:  # l{i}.fc1, l{i}.fc2_scales, ...
+            li = int(name.split(".")[0][1:])
+            by_layer[li] = by_layer.get(li, 0) + n
+    expert = sum(by_layer.values())
     dense = sum(b.sizes.values()) - expert
     moe_layers = max(1, len(cfg.moe_layers))
-    per_token_experts = expert * cfg.top_k / max(1, cfg.experts) if cfg.experts else 0.0
+    per_token_experts = sum(n * cfg.top_k / max(1, cfg.experts_of(li)) for li, n in by_layer.items())
     elt = 2 if dtype == "float16" else 4
     attn_params = (
         cfg.hidden * (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.heads * cfg.head_dim * cfg.hidden
     )
-    expert_params = 3 * cfg.hidden * cfg.moe_intermediate * cfg.top_k + cfg.hidden * cfg.experts
+    expert_params = (
+        3 * cfg.hidden * cfg.moe_intermediate * cfg.top_k + cfg.hidden * cfg.experts
+    )  # router: at most
     dense_mlp = 3 * cfg.hidden * cfg.dense_intermediate
     active = cfg.layers * attn_params + len(cfg.moe_layers) * expert_params
     active += (cfg.layers - len(cfg.moe_layers)) * dense_mlp + cfg.vocab * cfg.hidden
