@@ -511,3 +511,31 @@ def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
     assert all(r.image is not None and r.image.dtype == np.uint8 and r.image.ndim == 3 for r in images)
     assert all(r.prompt == ASR_PROMPT and r.audio is not None and r.audio.size > 8000 for r in audio)
     assert {r.kind for r in images} == {"image"} and {r.kind for r in audio} == {"audio"}
+
+
+def test_report_shows_each_layer(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omniedge compress CKPT --report`: one row per decoder layer with the experts kept, the routed share,
+    the saliency spread, each weight's reconstruction error and the layer's output error per stage."""
+    from omniedge.cli import main
+
+    recipe = _recipe([{"prune": {"method": "reap", "keep_ratio": 0.5}}, {"quantize": {"method": "awq"}}])
+    out = pipeline.compress(tiny, tmp_path / "r", recipe, progress=False)
+    layers = json.loads((out / "omniedge.json").read_text())["layers"]["report"]
+    assert [r["layer"] for r in layers] == [0, 1]
+    for r in layers:
+        assert r["prune"]["experts"] == 4 and len(r["prune"]["kept"]) == 4
+        assert 0.5 <= r["prune"]["saliency"]["kept_share"] <= 1.0  # the best half holds at least half
+        assert set(r["quantize"]) == {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj",
+        }
+        assert all(0 < v["error"] < 0.1 for v in r["quantize"].values())
+        assert r["output_error"]["prune"] > 0 and 0 < r["output_error"]["quantize"] < 1
+    capsys.readouterr()
+    assert main(["compress", str(out), "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "saliency" in text and "gate_up" in text and "reap" in text
+    assert main(["compress", "tiny"]) == 2
+    assert "-o OUT" in capsys.readouterr().err
+    assert main(["compress", str(tiny), "--report"]) == 2  # not made by omniedge compress
+    assert "no per-layer compression report" in capsys.readouterr().err

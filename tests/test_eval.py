@@ -178,3 +178,21 @@ def test_eval_cli_rejects_bad_input(tmp_path: Path) -> None:
     (tmp_path / "bundle" / "manifest.json").write_text("{}")
     with pytest.raises(OmniedgeError, match="engine bundle"):
         eval_cli(str(tmp_path / "bundle"))
+
+
+def test_eval_limit_scores_the_first_examples_of_each_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniedge.eval.cli import eval_cli
+
+    monkeypatch.setenv("OMNIEDGE_HOME", str(tmp_path / "home"))
+    root = _toy_dataset(tmp_path / "ds")
+    out = eval_cli("tiny", suite=str(root), limit=2, json_path=tmp_path / "e.json")
+    assert out["dataset"]["limit"] == 2
+    assert {t: r["n"] for t, r in out["tasks"].items() if t != "text"} == {
+        "image": 2,
+        "speech": 2,
+        "mixed": 2,
+    }
+    with pytest.raises(OmniedgeError, match="--limit 0"):
+        eval_cli("tiny", suite=str(root), limit=0)

@@ -92,4 +92,5 @@ def print_report(checkpoint: Path) -> None:
         t.add_column(c, justify="left" if c.startswith("weight") else "right")
     for row in body:
         t.add_row(*row)
-    Console().print(t)
+    console = Console()
+    Console(width=max(console.width, 200)).print(t)  # never cut a number off in a narrow terminal or a pipe
