@@ -18,7 +18,6 @@ Graph contract (docs/artifacts.md section 2, flavour "ort"): see `io_contract`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 
 from omniedge.errors import OmniedgeError
 from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
+from omniedge.export.ort_weights import Weights, qmoe_weight
 from omniedge.weights import TensorSource, fused_experts, layer_prefix
 
 INT64_MAX = 2**63 - 1
@@ -129,67 +129,11 @@ def io_contract(cfg: TextConfig, num_deepstack: int, dtype: str) -> tuple[list[t
     return ins, outs
 
 
-class _Weights:
-    """The checkpoint's tensors as numpy: float (cast to the graph dtype) or packed INT4 (kept packed)."""
-
-    def __init__(self, source: TensorSource, config: dict[str, Any], dtype: Any) -> None:
-        self.source = source
-        self.names = set(source.names())
-        self.dtype = dtype
-        q = config.get("omniedge_quantization") or {}
-        self.group = int(q.get("group_size", 128)) if q else 128
-        self.symmetric = bool(q.get("symmetric", True))
-        if q and (int(q.get("bits", 4)) != 4 or (self.symmetric and int(q.get("zero_point", 8)) != 8)):
-            raise OmniedgeError(
-                f"the checkpoint's quantization ({q.get('bits')} bits, zero point {q.get('zero_point')}) is not "
-                "INT4 with zero point 8 or per-group zero points",
-                "re-run `omniedge compress` with the INT4 quantize stage",
-            )
-
-    def has(self, name: str) -> bool:
-        return name in self.names
-
-    def float(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise OmniedgeError(
-                f"the checkpoint has no tensor {name}", "pass a complete Qwen3-Omni checkpoint"
-            )
-        return self.source.get(name).float().numpy().astype(self.dtype)
-
-    def packed(self, name: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        """(qweight uint8 [..., N, nb, group/2], scales [..., N, nb] graph dtype, packed zero points uint8
-        [..., N, ceil(nb/2)] or None for the implicit 8), or None if not quantized."""
-        if f"{name}.qweight" not in self.names:
-            return None
-        qw = self.source.get(f"{name}.qweight").numpy()
-        sc = self.source.get(f"{name}.scales").float().numpy().astype(self.dtype)
-        nb = math.ceil(k / self.group)
-        zp = None
-        if not self.symmetric:
-            if f"{name}.zero_points" not in self.names:
-                raise OmniedgeError(
-                    f"{name} is asymmetric INT4 without zero points", "re-run `omniedge compress`"
-                )
-            zp = self.source.get(f"{name}.zero_points").numpy()
-        if (
-            qw.dtype != np.uint8
-            or qw.shape[-2:] != (nb, self.group // 2)
-            or sc.shape != qw.shape[:-1]
-            or (zp is not None and (zp.dtype != np.uint8 or zp.shape != (*sc.shape[:-1], -(-nb // 2))))
-        ):
-            raise OmniedgeError(
-                f"{name}: packed INT4 of shape {qw.shape} / scales {sc.shape} does not fit K={k}, "
-                f"group {self.group}",
-                "re-run `omniedge compress`",
-            )
-        return qw, sc, zp
-
-
 class ThinkerBuilder:
     """Emits the graph layer by layer; each weight is read, written to the external data, and dropped."""
 
     def __init__(
-        self, b: GraphBuilder, w: _Weights, cfg: TextConfig, opts: Options, num_deepstack: int
+        self, b: GraphBuilder, w: Weights, cfg: TextConfig, opts: Options, num_deepstack: int
     ) -> None:
         self.b, self.w, self.cfg, self.opts, self.nd = b, w, cfg, opts, num_deepstack
         self.dt = opts.np_dtype
@@ -324,8 +268,8 @@ class ThinkerBuilder:
             )
             return self.reshape(y, [1, -1, h])
         self._check_experts(i, gate_up[0].shape[:2], down[0].shape[:2])
-        fc1, s1, blocked1 = _qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
-        fc2, s2, blocked2 = _qmoe_weight(down[0], down[1], inter, g)
+        fc1, s1, blocked1 = qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
+        fc2, s2, blocked2 = qmoe_weight(down[0], down[1], inter, g)
         zero_points: list[str] = []
         if not self.w.symmetric:  # slots 11/12: fc1/fc2 zero points [E, N, ceil(nb/2)], rows as fc1's
             if not blocked1:
@@ -453,28 +397,6 @@ def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
     }
 
 
-def _qmoe_weight(qw: np.ndarray, sc: np.ndarray, k: int, group: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Packed [E, N, nb, g/2] + scales [E, N, nb] -> QMoE's [E, N, K/2] + scales: blocked [E, N, K/g] when K is a
-    multiple of the group, else (K <= group: one block per row) per-channel [E, N] with the padding cut off."""
-    e, n = qw.shape[:2]
-    if k % group == 0:
-        return (
-            np.ascontiguousarray(qw.reshape(e, n, k // 2)),
-            np.ascontiguousarray(sc.reshape(e, n, -1)),
-            True,
-        )
-    if k < group and k % 2 == 0:
-        return (
-            np.ascontiguousarray(qw.reshape(e, n, -1)[..., : k // 2]),
-            np.ascontiguousarray(sc.reshape(e, n)),
-            False,
-        )
-    raise OmniedgeError(
-        f"QMoE cannot take experts of input width {k} with group {group} (not a multiple, and wider than a group)",
-        "quantize with a group that divides the expert widths, or export --flavour portable",
-    )
-
-
 def export_thinker_ort(
     source: TensorSource,
     config: dict[str, Any],
@@ -492,7 +414,7 @@ def export_thinker_ort(
     from tqdm.auto import tqdm
 
     cfg = TextConfig.from_config(config)
-    w = _Weights(source, config, opts.np_dtype)
+    w = Weights(source, config, opts.np_dtype)
     if data_of is not None:
         b = GraphBuilder("thinker", path, data_path=Path(str(data_of) + ".data"), write_data=False)
     else:
