@@ -531,6 +531,11 @@ def test_report_shows_each_layer(tiny: Path, tmp_path: Path, capsys: pytest.Capt
         }
         assert all(0 < v["error"] < 0.1 for v in r["quantize"].values())
         assert r["output_error"]["prune"] > 0 and 0 < r["output_error"]["quantize"] < 1
+    saved = torch.load(out / pipeline.STATS_FILE, weights_only=True)["saliency"]
+    assert saved["method"] == "reap" and set(saved["layers"]) == {0, 1}
+    for li, scores in saved["layers"].items():  # the kept experts are the best by the stored scores
+        best = sorted(torch.argsort(scores["overall"], descending=True)[:4].tolist())
+        assert best == layers[li]["prune"]["kept"] and {"text", "image", "audio"} <= set(scores)
     capsys.readouterr()
     assert main(["compress", str(out), "--report"]) == 0
     text = capsys.readouterr().out

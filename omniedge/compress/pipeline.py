@@ -196,6 +196,7 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         teacher_bf16_bytes,
         write_side_files,
     )
+    from omniedge.compress.prune import PruneStage
     from omniedge.compress.quantize import QuantizeStage
     from omniedge.compress.quantizers import refuse_quantized
     from omniedge.compress.recipe import validate_recipe
@@ -257,7 +258,16 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
             files = writer.close()
             config = output_config(src.config, stages, files.get("int4"), dtype)
             write_side_files(tmp, src.path, src.tokenizer, config)
-            torch.save({"layers": [s.to_dict() for s in engine.stats]}, tmp / STATS_FILE)
+            prune = next((s for s in stages if isinstance(s, PruneStage)), None)
+            torch.save(
+                {
+                    "layers": [s.to_dict() for s in engine.stats],
+                    "saliency": {}
+                    if prune is None
+                    else {"method": prune.settings.method, "layers": prune.saliency},
+                },
+                tmp / STATS_FILE,
+            )
             records = []
             for st in stages:
                 records.append(

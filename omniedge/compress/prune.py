@@ -114,6 +114,7 @@ class PruneStage(Stage):
         self.needs_all_stats = s.budget == "global"
         self.counts: dict[int, int] = {li: self.keep for li in model.moe_layers}
         self.kept: dict[int, list[int]] = {}
+        self.saliency: dict[int, dict[str, torch.Tensor]] = {}  # per layer: overall and per-modality scores
         self.routed = torch.zeros(3, dtype=torch.float64)
         self.routed_kept = torch.zeros(3, dtype=torch.float64)
 
@@ -134,6 +135,10 @@ class PruneStage(Stage):
         if not work.is_moe or work.stats is None:
             return
         scores = self.scores(work.stats)
+        self.saliency[work.index] = {
+            "overall": scores,
+            **saliency.modality_scores(work.stats, self.settings.method),
+        }
         kept = budget.select(scores, self.counts[work.index])
         prune_block(work.layer.mlp, kept)
         work.kept = kept
