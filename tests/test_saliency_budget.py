@@ -97,6 +97,10 @@ def test_reap_ranks_a_strong_rare_expert_above_a_frequent_silent_one(tiny_model:
     assert rp[0] > rp[1]
     assert budget.select(rp, 4).count(0) == 1 and 1 not in budget.select(rp, 4)
     assert 1 in budget.select(freq, 4) and 0 not in budget.select(freq, 4)
+    # contribution = what an expert adds per token on average = REAP x frequency x top-k
+    contrib = scores(stats, "contribution", "token")
+    torch.testing.assert_close(contrib, scores(stats, "reap", "token") * freq * stats.top_k)
+    assert contrib[0] > contrib[1]
 
 
 def _routed(tokens: dict[int, tuple[int, list[int]]], e: int = 8, k: int = 2) -> LayerStats:

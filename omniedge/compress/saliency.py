@@ -10,6 +10,8 @@ the pipeline. Scores are per modality first; `scores` combines them (see its wei
 | `frequency`   | counts / (tokens x top_k): its share of the routed slots                            |
 | `router_mass` | router_mass / tokens: mean routing weight g_j(x) per token                           |
 | `reap`        | reap_sum / counts: mean over the tokens routed to j of g_j(x) ||expert_j(x)||_2       |
+| `contribution`| reap_sum / tokens: mean over all tokens of g_j(x) ||expert_j(x)||_2 (0 where j is not |
+|               | routed) = reap x frequency x top_k: the expected norm of what j adds to the output    |
 | `random`      | seeded uniform scores (seed and layer index), the control                           |
 """
 
@@ -40,7 +42,18 @@ def reap(s: Sums) -> torch.Tensor:
     return s.reap_sum / s.counts.double().clamp_min(1)
 
 
-SALIENCIES: dict[str, ScoreFn] = {"frequency": frequency, "router_mass": router_mass, "reap": reap}
+def contribution(s: Sums) -> torch.Tensor:
+    """Mean over every token of g_j(x) * ||expert_j(x)||_2, counting 0 where j was not routed: REAP's
+    numerator per token, so an expert's score grows with how often it is used as well as how much."""
+    return s.reap_sum / s.tokens.double().clamp_min(1).unsqueeze(-1)
+
+
+SALIENCIES: dict[str, ScoreFn] = {
+    "frequency": frequency,
+    "router_mass": router_mass,
+    "reap": reap,
+    "contribution": contribution,
+}
 RANDOM = "random"  # the seeded control: uniform scores, independent of the statistics
 WEIGHTINGS = ("modality", "token")
 
