@@ -148,11 +148,12 @@ def _export_portable_thinker(checkpoint: Path, path: Path, table: Any) -> list[s
     import torch
 
     from omniedge.checkpoint import load_checkpoint
-    from omniedge.export.int4_graph import load_int4, module_names, warn_unused
+    from omniedge.export.int4_graph import CONFIG_KEY, check_portable, load_int4, module_names, warn_unused
     from omniedge.export.thinker import export_thinker
     from omniedge.models.family import thinker_parts
     from omniedge.weights import canonical_name
 
+    check_portable(json.loads((checkpoint / "config.json").read_text()).get(CONFIG_KEY) or {}, checkpoint)
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32, dequantize=True)
     parts = thinker_parts(model)
     shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}

@@ -69,6 +69,21 @@ class Int4Store:
         return sorted(set(self.packed) - self.used)
 
 
+def check_portable(q: Mapping[str, Any], checkpoint: Path) -> None:
+    """The portable (standard-ops) graphs unpack INT4 as symmetric, group 128: refuse anything else."""
+    if not q:
+        return
+    symmetric = q.get("symmetric", True) and q.get("zero_point", ZERO_POINT) == ZERO_POINT
+    if (q.get("bits"), q.get("group_size")) != (BITS, BLOCK) or not symmetric:
+        raise OmniedgeError(
+            f"{checkpoint} is INT4 with group {q.get('group_size')}"
+            + ("" if symmetric else " and per-group zero points")
+            + f"; the portable (TensorRT) export supports only symmetric INT4 with group {BLOCK}",
+            "export with --flavour ort (MatMulNBits / QMoE take groups 32, 64, 128 and zero points), "
+            f"or compress with quantize: {{group_size: {BLOCK}, symmetric: true}}",
+        )
+
+
 def load_int4(
     checkpoint: Path, shapes: Mapping[str, Sequence[int]], prefix: str | tuple[str, ...] = ""
 ) -> Int4Store | None:
@@ -78,20 +93,14 @@ def load_int4(
     q = cfg.get(CONFIG_KEY)
     if not q:
         return None
-    if (q.get("bits"), q.get("group_size")) != (BITS, BLOCK) or not q.get("symmetric", True):
-        raise OmniedgeError(
-            f"{checkpoint}: {CONFIG_KEY} asks for bits={q.get('bits')} group_size={q.get('group_size')}; "
-            f"export supports symmetric INT4 with group {BLOCK} (MatMulNBits layout)",
-            _REQUANTIZE,
-        )
-    if int(q.get("zero_point", ZERO_POINT)) != ZERO_POINT:
-        raise OmniedgeError(f"{checkpoint}: zero_point must be {ZERO_POINT}", _REQUANTIZE)
     from omniedge.weights import SafetensorsDir
 
     source = SafetensorsDir(checkpoint)
     all_names = set(source.names())
     listed = q.get("modules") or sorted({k[: -len(".qweight")] for k in all_names if k.endswith(".qweight")})
     names = [n for n in (canonical_name(m) for m in listed) if n.startswith(prefix)]
+    if names:  # these graphs unpack INT4 with standard ops: symmetric group 128 only
+        check_portable(q, checkpoint)
     in_features = {canonical_name(k): v for k, v in (q.get("in_features") or {}).items()}
     packed: dict[str, PackedWeight] = {}
     for key in names:

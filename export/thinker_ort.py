@@ -18,7 +18,6 @@ Graph contract (docs/artifacts.md section 2, flavour "ort"): `thinker_spec.io_co
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,61 +25,18 @@ import numpy as np
 
 from omniedge.errors import OmniedgeError
 from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
+from omniedge.export.ort_weights import Weights, qmoe_weight
 from omniedge.export.thinker_spec import Options, TextConfig, decode_cost, io_contract
 from omniedge.weights import TensorSource, fused_experts, layer_prefix
 
 INT64_MAX = 2**63 - 1
 
 
-class _Weights:
-    """The checkpoint's tensors as numpy: float (cast to the graph dtype) or packed INT4 (kept packed)."""
-
-    def __init__(self, source: TensorSource, config: dict[str, Any], dtype: Any) -> None:
-        self.source = source
-        self.names = set(source.names())
-        self.dtype = dtype
-        q = config.get("omniedge_quantization") or {}
-        self.group = int(q.get("group_size", 128)) if q else 128
-        if q and (
-            int(q.get("bits", 4)) != 4 or int(q.get("zero_point", 8)) != 8 or not q.get("symmetric", True)
-        ):
-            raise OmniedgeError(
-                f"the checkpoint's quantization {q.get('bits')} bits, zero point {q.get('zero_point')} is not "
-                "symmetric INT4 with zero point 8",
-                "re-run `omniedge compress` with the INT4 quantize stage",
-            )
-
-    def has(self, name: str) -> bool:
-        return name in self.names
-
-    def float(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise OmniedgeError(
-                f"the checkpoint has no tensor {name}", "pass a complete Qwen3-Omni checkpoint"
-            )
-        return self.source.get(name).float().numpy().astype(self.dtype)
-
-    def packed(self, name: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(qweight uint8 [..., N, nb, group/2], scales [..., N, nb] graph dtype) or None if not quantized."""
-        if f"{name}.qweight" not in self.names:
-            return None
-        qw = self.source.get(f"{name}.qweight").numpy()
-        sc = self.source.get(f"{name}.scales").float().numpy().astype(self.dtype)
-        nb = math.ceil(k / self.group)
-        if qw.dtype != np.uint8 or qw.shape[-2:] != (nb, self.group // 2) or sc.shape != qw.shape[:-1]:
-            raise OmniedgeError(
-                f"{name}: packed INT4 of shape {qw.shape} / scales {sc.shape} does not fit K={k}, "
-                f"group {self.group}",
-                "re-run `omniedge compress`",
-            )
-        return qw, sc
-
-
 class ThinkerBuilder:
     """Emits the graph layer by layer; each weight is read, written to the external data, and dropped."""
 
     def __init__(
-        self, b: GraphBuilder, w: _Weights, cfg: TextConfig, opts: Options, num_deepstack: int
+        self, b: GraphBuilder, w: Weights, cfg: TextConfig, opts: Options, num_deepstack: int
     ) -> None:
         self.b, self.w, self.cfg, self.opts, self.nd = b, w, cfg, opts, num_deepstack
         self.dt = opts.np_dtype
@@ -94,11 +50,13 @@ class ThinkerBuilder:
             qw = np.concatenate([p[0] for p in packed], axis=0)  # type: ignore[index]
             sc = np.concatenate([p[1] for p in packed], axis=0)  # type: ignore[index]
             n = int(qw.shape[0])
-            bq = self.b.const(f"{tag}.qweight", qw)
-            bs = self.b.const(f"{tag}.scales", sc.reshape(-1))
+            ins = [x, self.b.const(f"{tag}.qweight", qw), self.b.const(f"{tag}.scales", sc.reshape(-1))]
+            if not self.w.symmetric:  # input 3: packed uint8 zero points [N * ceil(nb/2)]
+                zp = np.concatenate([p[2] for p in packed], axis=0)  # type: ignore[index]
+                ins.append(self.b.const(f"{tag}.zero_points", zp.reshape(-1)))
             return self.b.op(
                 "MatMulNBits",
-                [x, bq, bs],
+                ins,
                 domain=MS_DOMAIN,
                 name=tag,
                 K=k,
@@ -213,8 +171,18 @@ class ThinkerBuilder:
             )
             return self.reshape(y, [1, -1, h])
         self._check_experts(i, gate_up[0].shape[:2], down[0].shape[:2])
-        fc1, s1, blocked1 = _qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
-        fc2, s2, blocked2 = _qmoe_weight(down[0], down[1], inter, g)
+        fc1, s1, blocked1 = qmoe_weight(gate_up[0][:, order], gate_up[1][:, order], h, g)
+        fc2, s2, blocked2 = qmoe_weight(down[0], down[1], inter, g)
+        zero_points: list[str] = []
+        if not self.w.symmetric:  # slots 11/12: fc1/fc2 zero points [E, N, ceil(nb/2)], rows as fc1's
+            if not blocked1:
+                raise OmniedgeError(
+                    f"QMoE zero points need expert widths ({h}, {inter}) that are multiples of the group {g}",
+                    "quantize with symmetric: true or a group that divides the widths",
+                )
+            zp1, zp2 = gate_up[2][:, order], down[2]  # type: ignore[index]
+            zero_points = ["", "", "", "", self.b.const(f"l{i}.fc1_zero_points", np.ascontiguousarray(zp1))]
+            zero_points.append(self.b.const(f"l{i}.fc2_zero_points", np.ascontiguousarray(zp2)))
         if blocked1 != blocked2:
             raise OmniedgeError(
                 f"QMoE needs both expert widths ({h}, {inter}) to be multiples of the group {g}, or both <= it",
@@ -236,6 +204,7 @@ class ThinkerBuilder:
                 "",
                 self.b.const(f"l{i}.fc2", fc2),
                 self.b.const(f"l{i}.fc2_scales", s2),
+                *zero_points,
             ],
             domain=MS_DOMAIN,
             name=f"l{i}.moe",
@@ -244,10 +213,10 @@ class ThinkerBuilder:
         return self.reshape(y, [1, -1, h])
 
     def _check_experts(self, i: int, fc1: tuple[int, ...], fc2: tuple[int, ...]) -> None:
-        c = self.cfg
-        if tuple(fc1) != (c.experts, 2 * c.moe_intermediate) or tuple(fc2) != (c.experts, c.hidden):
+        c, e = self.cfg, self.cfg.experts_of(i)
+        if tuple(fc1) != (e, 2 * c.moe_intermediate) or tuple(fc2) != (e, c.hidden):
             raise OmniedgeError(
-                f"layer {i}: experts are {tuple(fc1)} / {tuple(fc2)}, the config says {c.experts} experts of "
+                f"layer {i}: experts are {tuple(fc1)} / {tuple(fc2)}, the config says {e} experts of "
                 f"intermediate {c.moe_intermediate}",
                 "the config and weights disagree: re-run `omniedge compress`",
             )
@@ -295,28 +264,6 @@ class ThinkerBuilder:
         b.op_into("ArgMax", [logits], ["next_token"], axis=-1, keepdims=0)
 
 
-def _qmoe_weight(qw: np.ndarray, sc: np.ndarray, k: int, group: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Packed [E, N, nb, g/2] + scales [E, N, nb] -> QMoE's [E, N, K/2] + scales: blocked [E, N, K/g] when K is a
-    multiple of the group, else (K <= group: one block per row) per-channel [E, N] with the padding cut off."""
-    e, n = qw.shape[:2]
-    if k % group == 0:
-        return (
-            np.ascontiguousarray(qw.reshape(e, n, k // 2)),
-            np.ascontiguousarray(sc.reshape(e, n, -1)),
-            True,
-        )
-    if k < group and k % 2 == 0:
-        return (
-            np.ascontiguousarray(qw.reshape(e, n, -1)[..., : k // 2]),
-            np.ascontiguousarray(sc.reshape(e, n)),
-            False,
-        )
-    raise OmniedgeError(
-        f"QMoE cannot take experts of input width {k} with group {group} (not a multiple, and wider than a group)",
-        "quantize with a group that divides the expert widths, or export --flavour portable",
-    )
-
-
 def export_thinker_ort(
     source: TensorSource,
     config: dict[str, Any],
@@ -334,7 +281,7 @@ def export_thinker_ort(
     from tqdm.auto import tqdm
 
     cfg = TextConfig.from_config(config)
-    w = _Weights(source, config, opts.np_dtype)
+    w = Weights(source, config, opts.np_dtype)
     if data_of is not None:
         b = GraphBuilder("thinker", path, data_path=Path(str(data_of) + ".data"), write_data=False)
     else:

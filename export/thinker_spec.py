@@ -15,6 +15,8 @@ import numpy as np
 from omniedge.errors import OmniedgeError
 from omniedge.export.onnx_builder import GraphBuilder
 
+EXPERTS_PER_LAYER = "omniedge_experts_per_layer"  # omniedge.int4_modules.EXPERTS_PER_LAYER (no torch here)
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -27,13 +29,17 @@ class TextConfig:
     head_dim: int
     moe_intermediate: int
     dense_intermediate: int
-    experts: int
+    experts: int  # the most any layer has
     top_k: int
     norm_topk: bool
     eps: float
     vocab: int
     moe_layers: frozenset[int]
     max_positions: int
+    experts_per_layer: tuple[int, ...] = ()  # a non-uniformly pruned checkpoint's count per layer
+
+    def experts_of(self, layer: int) -> int:
+        return self.experts_per_layer[layer] if self.experts_per_layer else self.experts
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TextConfig:
@@ -63,6 +69,7 @@ class TextConfig:
                 vocab=int(t["vocab_size"]),
                 moe_layers=moe,
                 max_positions=int(t.get("max_position_embeddings", 32768)),
+                experts_per_layer=tuple(int(c) for c in t.get(EXPERTS_PER_LAYER) or ()),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise OmniedgeError(
@@ -111,10 +118,15 @@ def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
     """What one decode step must read and compute, counted from the graph's initializers: every dense weight
     (attention, norms, routers, lm_head) each token; of the experts only the top-k of each MoE layer; plus the
     KV cache, which grows with the context. The bench's roofline and Orin projection start from this."""
-    expert = sum(n for name, n in b.sizes.items() if ".fc1" in name or ".fc2" in name)
+    by_layer: dict[int, int] = {}
+    for name, n in b.sizes.items():
+        if ".fc1" in name or ".fc2" in name:  # l{i}.fc1, l{i}.fc2_scales, ...
+            li = int(name.split(".")[0][1:])
+            by_layer[li] = by_layer.get(li, 0) + n
+    expert = sum(by_layer.values())
     dense = sum(b.sizes.values()) - expert
     moe_layers = max(1, len(cfg.moe_layers))
-    per_token_experts = expert * cfg.top_k / max(1, cfg.experts) if cfg.experts else 0.0
+    per_token_experts = sum(n * cfg.top_k / max(1, cfg.experts_of(li)) for li, n in by_layer.items())
     elt = 2 if dtype == "float16" else 4
     attn_params = (
         cfg.hidden * (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.heads * cfg.head_dim * cfg.hidden

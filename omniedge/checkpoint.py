@@ -121,7 +121,9 @@ def load_checkpoint(path: str | Path, dtype: Any = None, dequantize: bool = Fals
 
     An omniedge INT4 checkpoint (config.json has `omniedge_quantization`) loads with its quantized weights
     kept packed and dequantized on the fly (omniedge.int4_modules); `dequantize=True` gives ordinary float
-    weights instead. Any other checkpoint loads through transformers' from_pretrained.
+    weights instead. So does a checkpoint pruned to a different expert count per layer (text config
+    `omniedge_experts_per_layer`), which from_pretrained cannot build. Any other checkpoint loads through
+    transformers' from_pretrained.
     """
     import torch
     from tokenizers import Tokenizer
@@ -130,9 +132,11 @@ def load_checkpoint(path: str | Path, dtype: Any = None, dequantize: bool = Fals
     p = check_checkpoint_dir(path)
     dtype = dtype or torch.float32
     try:
-        if "omniedge_quantization" in json.loads((p / "config.json").read_text()):
-            from omniedge.int4_modules import load_quantized
+        from omniedge.int4_modules import experts_per_layer, load_quantized
 
+        config = json.loads((p / "config.json").read_text())
+        text_config = config.get("thinker_config", {}).get("text_config", {})
+        if "omniedge_quantization" in config or experts_per_layer(text_config) is not None:
             model = load_quantized(p, dtype, dequantize=dequantize)
         else:
             model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(p, dtype=dtype)

@@ -14,6 +14,7 @@ from omniedge.runtime.memory import BUDGET_HELP
 
 EPILOGS = {
     "compress": "example:\n  omniedge compress tiny -o out/tiny-int4 --keep-ratio 0.5\n"
+    "  omniedge compress out/tiny-int4 --report          # per layer: experts kept, saliency, errors\n"
     "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 "
     "--recipe recipes/qwen3-omni-30b-prune50-int4.yaml\n"
     "  omniedge compress full -o out/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml",
@@ -59,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         help="HF checkpoint directory, a built-in name (`tiny`, `omni-mini`), or a random source of the real "
         "config (`full`: all 48 layers, made on the device; `full-ci`: the same structure at CI size)",
     )
-    c.add_argument("-o", "--out", required=True, type=Path, help="output checkpoint directory")
+    c.add_argument("-o", "--out", type=Path, help="output checkpoint directory")
     c.add_argument(
         "--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4"
+    )
+    c.add_argument(
+        "--report",
+        action="store_true",
+        help="print each layer's kept experts, saliency distribution and reconstruction error (after "
+        "compressing; without -o: of the compressed checkpoint MODEL)",
     )
     c.add_argument(
         "--keep-ratio", type=float, help="fraction of experts kept per layer (overrides the recipe)"
@@ -192,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--compare", nargs=2, metavar=("TEACHER", "STUDENT"), help="print the retention table")
     v.add_argument("--json", type=Path, help="write every number as JSON")
     v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument(
+        "--limit", type=int, help="only the first N test examples of each task (quicker; wider intervals)"
+    )
     return p
 
 
@@ -199,14 +209,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from omniedge.compress.pipeline import compress_cli
 
-        compress_cli(
-            args.model,
-            args.out,
-            args.recipe,
-            args.keep_ratio,
-            quantize=not args.no_quantize,
-            samples=args.samples,
-        )
+        if args.out is None and not args.report:
+            raise OmniedgeError(
+                "compress needs an output directory", "add -o OUT (or --report to inspect MODEL)"
+            )
+        if args.out is not None:
+            compress_cli(
+                args.model,
+                args.out,
+                args.recipe,
+                args.keep_ratio,
+                quantize=not args.no_quantize,
+                samples=args.samples,
+            )
+        if args.report:
+            from omniedge.compress.report import print_report
+
+            print_report(args.out if args.out is not None else Path(args.model))
     elif args.command == "export":
         from omniedge.export.bundle import export_cli
 
@@ -264,7 +283,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "nothing to evaluate", "pass a checkpoint (or `omni-mini`), or --compare TEACHER STUDENT"
             )
         compare = tuple(args.compare) if args.compare else None
-        eval_cli(args.model, args.suite, compare, args.json, args.device)
+        eval_cli(args.model, args.suite, compare, args.json, args.device, args.limit)
     elif args.command == "info" and args.memory_budget is not None:
         from omniedge.runtime.cli_serve import plan_cli
 

@@ -39,10 +39,12 @@ def _describe_checkpoint(path: Path) -> list[str]:
     cfg = json.loads((path / "config.json").read_text())
     th = cfg.get("thinker_config", {})
     tc = th.get("text_config", {})
+    per_layer = tc.get("omniedge_experts_per_layer")
+    experts = f"{tc.get('num_experts')} experts" if not per_layer else f"{per_layer} experts per layer"
     lines = [
         f"checkpoint  {path}  ({_mib(_size(path))} on disk)",
         f"  thinker   {tc.get('num_hidden_layers')} layers, hidden {tc.get('hidden_size')}, "
-        f"{tc.get('num_experts')} experts top-{tc.get('num_experts_per_tok')}, vocab {tc.get('vocab_size')}",
+        f"{experts} top-{tc.get('num_experts_per_tok')}, vocab {tc.get('vocab_size')}",
         f"  audio     {th.get('audio_config', {}).get('encoder_layers')} layers, "
         f"d_model {th.get('audio_config', {}).get('d_model')}",
         f"  vision    {th.get('vision_config', {}).get('depth')} layers, "
@@ -52,7 +54,8 @@ def _describe_checkpoint(path: Path) -> list[str]:
     q = cfg.get("omniedge_quantization")
     if q:
         lines.append(
-            f"  quantized {q.get('method')} int{q.get('bits')} group {q.get('group_size')}, "
+            f"  quantized {q.get('method')} int{q.get('bits')} group {q.get('group_size')}"
+            f"{'' if q.get('symmetric', True) else ' with zero points'}, "
             f"{len(q.get('modules', []))} tensors in {q.get('file')}"
         )
     meta = read_meta(path)

@@ -15,8 +15,6 @@ import torch
 
 from omniedge.compress import pipeline
 from omniedge.compress.calibration import (
-    AUDIO,
-    TEXT,
     Request,
     audio_features,
     encode_request,
@@ -24,8 +22,6 @@ from omniedge.compress.calibration import (
     modality_counts,
 )
 from omniedge.compress.calibration_builtin import render_shapes, synth_tone
-from omniedge.compress.moe import LayerStats
-from omniedge.compress.prune import keep_count, select_experts
 from omniedge.compress.recipe import (
     DEFAULT_RECIPE,
     DEFAULT_RECIPE_PATH,
@@ -98,12 +94,13 @@ def test_default_yaml_is_the_builtin_default() -> None:
     assert r["stages"][1]["quantize"]["group_size"] == 128
 
 
-def test_30b_recipe_keeps_64_of_128() -> None:
-    from omniedge.compress.prune import keep_count
+def test_30b_recipes_keep_64_and_77_of_128() -> None:
+    from omniedge.compress.budget import uniform_budget
 
-    r = load_recipe(DEFAULT_RECIPE_PATH.parent / "qwen3-omni-30b-prune50-int4.yaml")
-    assert keep_count(128, 8, r["stages"][0]["prune"]["keep_ratio"]) == 64
-    assert r["dtype"] == "bfloat16"
+    for name, keep in (("qwen3-omni-30b-prune50-int4.yaml", 64), ("qwen3-omni-30b-prune40-int4.yaml", 77)):
+        r = load_recipe(DEFAULT_RECIPE_PATH.parent / name)
+        assert uniform_budget(128, 8, r["stages"][0]["prune"]["keep_ratio"]) == keep
+        assert r["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -116,9 +113,16 @@ def test_30b_recipe_keeps_64_of_128() -> None:
         ({"stages": [{"prune": {"method": "magic"}}]}, "method"),
         ({"stages": [{"quantize": {"bits": 8}}]}, "bits"),
         ({"stages": [{"quantize": {"bits": 4.0}}]}, "bits"),
-        ({"stages": [{"quantize": {"group_size": 127}}]}, "positive even"),
-        ({"stages": [{"quantize": {"group_size": 0}}]}, "positive even"),
-        ({"stages": [{"quantize": {"group_size": -128}}]}, "positive even"),
+        ({"stages": [{"quantize": {"group_size": 127}}]}, "group size 127 is not supported"),
+        ({"stages": [{"quantize": {"group_size": 256}}]}, "group size 256 is not supported"),
+        ({"stages": [{"quantize": {"group_size": True}}]}, "group size True"),
+        ({"stages": [{"quantize": {"symmetric": "no"}}]}, "symmetric"),
+        ({"stages": [{"quantize": {"method": "rtn", "act_order": True}}]}, "unknown field(s) ['act_order']"),
+        ({"stages": [{"quantize": {"method": "gptq", "damp": 2.0}}]}, "damp"),
+        ({"stages": [{"quantize": {"method": "awq", "samples": 0}}]}, "samples"),
+        ({"stages": [{"prune": {"budget": "greedy"}}]}, "budget"),
+        ({"stages": [{"prune": {"weighting": {"smell": 1.0}}}]}, "weighting"),
+        ({"stages": [{"prune": {"multiple_of": 0}}]}, "multiple_of"),
         ({"stages": [{"quantize": {"targets": ["lm_head"]}}]}, "targets"),
         ({"stages": [{"quantize": {}}, {"prune": {}}]}, "last stage"),
         ({"stages": [{"prune": {}}, {"prune": {}}]}, "twice"),
@@ -145,7 +149,8 @@ def test_bad_recipe_is_a_clear_error(recipe: Any, needle: str) -> None:
 
 def test_overrides() -> None:
     r = apply_overrides(load_recipe(None), keep_ratio=0.25, quantize=False)
-    assert r["stages"] == [{"prune": {"method": "frequency", "keep_ratio": 0.25, "weighting": "modality"}}]
+    assert [next(iter(s)) for s in r["stages"]] == ["prune"]
+    assert r["stages"][0]["prune"]["keep_ratio"] == 0.25
     added = apply_overrides(validate_recipe({"stages": [{"quantize": {}}]}), keep_ratio=0.75)
     assert [next(iter(s)) for s in added["stages"]] == ["prune", "quantize"]
     with pytest.raises(OmniedgeError, match="keep_ratio"):
@@ -164,37 +169,7 @@ def test_recipe_files(tmp_path: Path) -> None:
         load_recipe(tmp_path / "missing.yaml")
 
 
-# ---------------------------------------------------------------- pruning maths
-
-
-def test_keep_count() -> None:
-    assert keep_count(128, 8, 0.5) == 64
-    assert keep_count(8, 2, 1.0) == 8
-    assert keep_count(8, 2, 0.3125) == 3  # 2.5 rounds up
-    assert keep_count(8, 2, 0.25) == 2
-    with pytest.raises(OmniedgeError, match="fewer than the 2"):
-        keep_count(8, 2, 0.1)
-
-
-def test_select_experts_keeps_highest_in_order() -> None:
-    assert select_experts(torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0]), 2) == [1, 3]
-    assert select_experts(torch.tensor([5.0, 1.0, 1.0, 1.0, 4.0]), 3) == [0, 1, 4]  # tie: lowest index wins
-
-
-def test_modality_weighting_protects_audio_experts() -> None:
-    from omniedge.compress.prune import SALIENCY
-
-    # 1000 text tokens spread over experts 0-2; 10 audio tokens that all use experts 3 (and 0).
-    stats = LayerStats.empty(0, num_experts=6, top_k=2)
-    stats.tokens[:] = torch.tensor([1000, 0, 10])
-    stats.counts[TEXT] = torch.tensor([700, 700, 600, 0, 0, 0])
-    stats.counts[AUDIO] = torch.tensor([10, 0, 0, 10, 0, 0])
-    stats.weight = stats.counts.double() / 2
-    for method in ("frequency", "router_weight"):
-        by_modality = SALIENCY[method](stats, {"weighting": "modality"})
-        by_token = SALIENCY[method](stats, {"weighting": "token"})
-        assert select_experts(by_modality, 3) == [0, 1, 3]  # audio's expert 3 survives
-        assert select_experts(by_token, 3) == [0, 1, 2]  # drowned by text tokens
+# ---------------------------------------------------------------- calibration mix
 
 
 def test_modality_counts() -> None:
@@ -298,10 +273,10 @@ def test_pruning_keeps_the_routed_experts(biased: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # pruned experts were never routed to
 
 
-def test_keep_all_without_quantization_is_exact(tiny: Path, tmp_path: Path) -> None:
-    out = pipeline.compress(
-        tiny, tmp_path / "same", _recipe([{"prune": {"keep_ratio": 1.0}}]), progress=False
-    )
+@pytest.mark.parametrize("budget", ["uniform", "global"])
+def test_keep_all_without_quantization_is_exact(tiny: Path, tmp_path: Path, budget: str) -> None:
+    prune = {"method": "reap", "keep_ratio": 1.0, "budget": budget}
+    out = pipeline.compress(tiny, tmp_path / "same", _recipe([{"prune": prune}]), progress=False)
     teacher, tok = _load(tiny)
     student, _ = _load(out)
     inputs = _multimodal_inputs(teacher, tok)
@@ -464,9 +439,41 @@ def test_already_quantized_input_is_refused(tiny: Path, tmp_path: Path) -> None:
         pipeline.compress(q, tmp_path / "qq", _recipe([{"quantize": {}}]), progress=False)
 
 
-def test_impossible_keep_ratio_fails_before_calibrating(tiny: Path, tmp_path: Path) -> None:
-    with pytest.raises(OmniedgeError, match="fewer than the 2"):
-        pipeline.compress(tiny, tmp_path / "out", _recipe([{"prune": {"keep_ratio": 0.1}}]), progress=False)
+def test_other_quantized_checkpoints_are_refused(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    gptq = tmp_path / "gptq"
+    shutil.copytree(tiny, gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OmniedgeError, match="already quantized"):
+        pipeline.compress(gptq, tmp_path / "out", _recipe([{"quantize": {}}]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_too_small_for_gptq_says_the_minimum(tiny: Path, tmp_path: Path) -> None:
+    recipe = _recipe([{"quantize": {"method": "gptq"}}], samples=2, max_tokens=16)
+    recipe["calibration"]["mix"] = {"text": 1.0}
+    with pytest.raises(OmniedgeError, match=r"calibration too small for GPTQ: \d+ calibration tokens") as e:
+        pipeline.compress(tiny, tmp_path / "out", recipe, progress=False)
+    assert "at least 128" in e.value.problem and "samples" in (e.value.fix or "")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "prune",
+    [
+        {"keep_ratio": 0.1},
+        {"keep_ratio": 0.5, "budget": "global", "min_keep": 1},
+        {"keep_ratio": 0.2, "budget": "global"},
+    ],
+)
+def test_impossible_budget_fails_before_calibrating(
+    tiny: Path, tmp_path: Path, prune: dict[str, Any]
+) -> None:
+    with pytest.raises(OmniedgeError, match=r"fewer than the 2|per-layer floor"):
+        pipeline.compress(tiny, tmp_path / "out", _recipe([{"prune": prune}]), progress=False)
     assert os.listdir(tmp_path) == []  # nothing written
 
 
@@ -504,3 +511,36 @@ def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
     assert all(r.image is not None and r.image.dtype == np.uint8 and r.image.ndim == 3 for r in images)
     assert all(r.prompt == ASR_PROMPT and r.audio is not None and r.audio.size > 8000 for r in audio)
     assert {r.kind for r in images} == {"image"} and {r.kind for r in audio} == {"audio"}
+
+
+def test_report_shows_each_layer(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omniedge compress CKPT --report`: one row per decoder layer with the experts kept, the routed share,
+    the saliency spread, each weight's reconstruction error and the layer's output error per stage."""
+    from omniedge.cli import main
+
+    recipe = _recipe([{"prune": {"method": "reap", "keep_ratio": 0.5}}, {"quantize": {"method": "awq"}}])
+    out = pipeline.compress(tiny, tmp_path / "r", recipe, progress=False)
+    layers = json.loads((out / "omniedge.json").read_text())["layers"]["report"]
+    assert [r["layer"] for r in layers] == [0, 1]
+    for r in layers:
+        assert r["prune"]["experts"] == 4 and len(r["prune"]["kept"]) == 4
+        assert 0.5 <= r["prune"]["saliency"]["kept_share"] <= 1.0  # the best half holds at least half
+        assert set(r["quantize"]) == {f"self_attn.{p}_proj.weight" for p in "qkvo"} | {
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj",
+        }
+        assert all(0 < v["error"] < 0.1 for v in r["quantize"].values())
+        assert r["output_error"]["prune"] > 0 and 0 < r["output_error"]["quantize"] < 1
+    saved = torch.load(out / pipeline.STATS_FILE, weights_only=True)["saliency"]
+    assert saved["method"] == "reap" and set(saved["layers"]) == {0, 1}
+    for li, scores in saved["layers"].items():  # the kept experts are the best by the stored scores
+        best = sorted(torch.argsort(scores["overall"], descending=True)[:4].tolist())
+        assert best == layers[li]["prune"]["kept"] and {"text", "image", "audio"} <= set(scores)
+    capsys.readouterr()
+    assert main(["compress", str(out), "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "saliency" in text and "gate_up" in text and "reap" in text
+    assert main(["compress", "tiny"]) == 2
+    assert "-o OUT" in capsys.readouterr().err
+    assert main(["compress", str(tiny), "--report"]) == 2  # not made by omniedge compress
+    assert "no per-layer compression report" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import math
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -178,3 +179,53 @@ def test_eval_cli_rejects_bad_input(tmp_path: Path) -> None:
     (tmp_path / "bundle" / "manifest.json").write_text("{}")
     with pytest.raises(OmniedgeError, match="engine bundle"):
         eval_cli(str(tmp_path / "bundle"))
+
+
+def test_eval_limit_scores_the_first_examples_of_each_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniedge.eval.cli import eval_cli
+
+    monkeypatch.setenv("OMNIEDGE_HOME", str(tmp_path / "home"))
+    root = _toy_dataset(tmp_path / "ds")
+    out = eval_cli("tiny", suite=str(root), limit=2, json_path=tmp_path / "e.json")
+    assert out["dataset"]["limit"] == 2
+    assert {t: r["n"] for t, r in out["tasks"].items() if t != "text"} == {
+        "image": 2,
+        "speech": 2,
+        "mixed": 2,
+    }
+    with pytest.raises(OmniedgeError, match="--limit 0"):
+        eval_cli("tiny", suite=str(root), limit=0)
+
+
+def test_retention_table_from_eval_results(tmp_path: Path) -> None:
+    from omniedge.bench.retention import main, table
+
+    def result(ppl: float, acc: float, limit: int | None = 500) -> dict[str, Any]:
+        return {
+            "dataset": {"content_sha256": "x", "limit": limit},
+            "tasks": {
+                "text": {
+                    "metric": "perplexity",
+                    "lower_is_better": True,
+                    "value": ppl,
+                    "lo": ppl - 1,
+                    "hi": ppl + 1,
+                },
+                "image": {
+                    "metric": "accuracy",
+                    "lower_is_better": False,
+                    "value": acc,
+                    "lo": acc - 0.1,
+                    "hi": acc,
+                },
+            },
+        }
+
+    md = table(result(60.0, 0.9), [("half", result(80.0, 0.45))])
+    assert "| half | 80.0 [79.0, 81.0] | 75.0% | 45.0% [35.0, 45.0] | 50.0% |" in md
+    with pytest.raises(OmniedgeError, match="other test examples"):
+        table(result(60.0, 0.9), [("all", result(80.0, 0.45, limit=None))])
+    (tmp_path / "t.json").write_text(json.dumps(result(60.0, 0.9)))
+    assert main([str(tmp_path / "t.json"), str(tmp_path / "missing.json")]) == 2

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from omniedge.compress import pipeline
+from omniedge.compress import budget, pipeline, saliency
 from omniedge.compress.calibration import build_requests, encode_request, modality_counts
 from omniedge.compress.moe import LayerStats, moe_forward
-from omniedge.compress.prune import SALIENCY, keep_count, prune_block, select_experts
+from omniedge.compress.prune import prune_block
 from omniedge.compress.recipe import validate_recipe
 from omniedge.int4 import dequantize, quantize
 from omniedge.models.family import moe_blocks, thinker_parts
@@ -81,8 +81,11 @@ def _whole_model_reference(
     for h in handles:
         h.remove()
     settings = recipe["stages"][0]["prune"]
-    keep = keep_count(int(cfg.num_experts), int(cfg.num_experts_per_tok), settings["keep_ratio"])
-    kept = {li: select_experts(SALIENCY[settings["method"]](stats[li], settings), keep) for li in stats}
+    keep = budget.uniform_budget(int(cfg.num_experts), int(cfg.num_experts_per_tok), settings["keep_ratio"])
+    kept = {
+        li: budget.select(saliency.scores(stats[li], settings["method"], settings["weighting"]), keep)
+        for li in stats
+    }
     for li, block in moe_blocks(model):
         prune_block(block, kept[li])
     packed: dict[str, Any] = {}
@@ -156,10 +159,10 @@ def test_router_statistics_cover_every_token(home: Path, tmp_path: Path) -> None
     for s in layers:
         assert s.tokens.tolist() == tokens.tolist()
         assert s.counts.sum(-1).tolist() == (tokens * s.top_k).tolist()
-        torch.testing.assert_close(s.weight.sum(-1), tokens.double())
+        torch.testing.assert_close(s.router_mass.sum(-1), tokens.double())
         routed = s.counts > 0
-        assert bool((s.norm[routed] > 0).all()) and bool((s.norm[~routed] == 0).all())
-        assert bool((s.reap <= s.norm + 1e-9).all())  # router weights are <= 1
+        assert bool((s.norm_sum[routed] > 0).all()) and bool((s.norm_sum[~routed] == 0).all())
+        assert bool((s.reap_sum <= s.norm_sum + 1e-9).all())  # router weights are <= 1
 
 
 def test_batched_moe_equals_transformers_block_and_naive_statistics() -> None:
@@ -196,40 +199,49 @@ def test_batched_moe_equals_transformers_block_and_naive_statistics() -> None:
                 g, u = torch.nn.functional.linear(x[t], e.gate_up_proj[j]).chunk(2)
                 y = torch.nn.functional.linear(e.act_fn(g) * u, e.down_proj[j])
                 naive.counts[m, j] += 1
-                naive.weight[m, j] += float(w[t, k])
-                naive.norm[m, j] += float(y.norm())
-                naive.reap[m, j] += float(w[t, k]) * float(y.norm())
+                naive.router_mass[m, j] += float(w[t, k])
+                naive.norm_sum[m, j] += float(y.norm())
+                naive.reap_sum[m, j] += float(w[t, k]) * float(y.norm())
     assert torch.equal(stats.counts, naive.counts)
-    for f in ("weight", "norm", "reap"):
+    for f in ("router_mass", "norm_sum", "reap_sum"):
         torch.testing.assert_close(getattr(stats, f), getattr(naive, f), rtol=1e-5, atol=1e-6)
     assert stats.tokens.tolist() == torch.bincount(modality, minlength=3).tolist()
 
 
 def test_calibrated_quantizer_gets_the_routed_tokens(home: Path, tmp_path: Path) -> None:
-    """A quantizer that asks for inputs gets, per kept expert, the rows of the tokens the teacher's router sent
-    to it (as many as the statistics counted), and every token's input for attention projections."""
-    from omniedge.compress import quantize as qmod
+    """A quantizer gets, per kept expert, the input statistics of the tokens the pruned router sends to it:
+    every expert the teacher routed a token to keeps that token (pruning only moves tokens off dropped
+    experts), each token fills exactly top-k slots, and attention projections see every token."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from omniedge.compress import quantizers
+    from omniedge.compress.quantizers import RTN
     from omniedge.models.registry import resolve_checkpoint
 
-    seen: list[tuple[tuple[int, ...], Any]] = []
+    seen: list[tuple[tuple[int, ...], list[int] | int]] = []
 
-    def recording(w: torch.Tensor, inputs: Any, settings: dict[str, Any]) -> Any:
-        if w.dim() == 3:
-            rows = [inputs.rows(e) for e in range(w.shape[0])]
-            assert all(r.shape == (inputs.tokens(e), w.shape[-1]) for e, r in enumerate(rows))
-            seen.append((tuple(w.shape), [inputs.tokens(e) for e in range(w.shape[0])]))
-        else:
-            assert inputs.rows().shape[-1] == w.shape[-1]
-            seen.append((tuple(w.shape), inputs.rows().shape[0]))
-        return quantize(w, int(settings["group_size"]))
+    @dataclass(frozen=True)
+    class Recording(RTN):
+        name: ClassVar[str] = "recording"
+        needs_hessian: ClassVar[bool] = True
 
-    qmod.register_quantizer("recording", recording, needs_inputs=True)
+        def quantize(self, w: torch.Tensor, stats: Any = None) -> Any:
+            assert stats is not None and stats.hessian is not None
+            rows = stats.rows.tolist()
+            seen.append((tuple(w.shape), rows))
+            if w.dim() == 3:  # the Hessian sums x^T x over exactly those rows: its trace is sum |x|^2 > 0
+                routed = stats.rows > 0
+                assert bool((stats.hessian.diagonal(dim1=-2, dim2=-1).sum(-1)[routed] > 0).all())
+            return super().quantize(w, None)
+
+    quantizers.register_quantizer("recording", Recording)
     try:
         recipe = {**RECIPE, "stages": [{"prune": {"keep_ratio": 0.5}}, {"quantize": {"method": "recording"}}]}
         out = pipeline.compress(resolve_checkpoint("tiny"), tmp_path / "rec", recipe, progress=False)
         plain = pipeline.compress(resolve_checkpoint("tiny"), tmp_path / "rtn", RECIPE, progress=False)
     finally:
-        del qmod.QUANTIZERS["recording"]
+        del quantizers.QUANTIZERS["recording"]
     meta = json.loads((out / "omniedge.json").read_text())
     layers = [
         LayerStats.from_dict(d) for d in torch.load(out / pipeline.STATS_FILE, weights_only=True)["layers"]
@@ -238,8 +250,11 @@ def test_calibrated_quantizer_gets_the_routed_tokens(home: Path, tmp_path: Path)
     per_layer = [x for x in seen if len(x[0]) == 3]
     for li, s in enumerate(layers):
         kept = meta["stages"][0]["result"]["kept"][str(li)]
-        want = s.counts.sum(0)[kept].tolist()
-        assert per_layer[2 * li][1] == want and per_layer[2 * li + 1][1] == want  # gate_up, then down
+        teacher = s.counts.sum(0)[kept].tolist()
+        gate_up, down = per_layer[2 * li][1], per_layer[2 * li + 1][1]
+        assert gate_up == down and isinstance(gate_up, list)
+        assert all(a >= b for a, b in zip(gate_up, teacher, strict=True))
+        assert sum(gate_up) == total * s.top_k > sum(teacher)  # some tokens moved off dropped experts
     assert all(x[1] == total for x in seen if len(x[0]) == 2)
     a, b = SafetensorsDir(out), SafetensorsDir(plain)  # same maths as RTN: same bytes
     assert all(torch.equal(a.get(n), b.get(n)) for n in b.names() if n.endswith(".qweight"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omniedge import int4
-from omniedge.compress import budget
+from omniedge.compress.moe import topk_route
 from omniedge.compress.quantizers import (
     AWQ,
     GPTQ,
@@ -219,7 +219,7 @@ def test_onnxruntime_qmoe_computes_the_packed_experts(symmetric: bool) -> None:
     (y,) = sess.run(None, {"x": x.numpy(), "r": logits.numpy()})
     w1 = fc1.dequantize().reshape(e, inter, 2, hid)
     w2 = fc2.dequantize()
-    weights, experts = budget.route(logits, k)
+    weights, experts = topk_route(logits, k)
     ref = torch.zeros(t, hid)
     for i in range(t):
         for j in range(k):

@@ -1,4 +1,5 @@
-"""Expert saliency (frequency, router mass, REAP, random) and budgets, on transformers' real MoE block."""
+"""Expert saliency (frequency, router mass, REAP, random) and budgets, on transformers' real MoE block,
+with the statistics the compression pass collects (moe.moe_forward -> moe.LayerStats)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from omniedge.compress import budget
-from omniedge.compress.expert_calib import observe_moe
-from omniedge.compress.quantizers import InputObserver
-from omniedge.compress.saliency import ExpertStats, modality_scores, scores
+from omniedge.compress.layer_inputs import LayerInputs, Want
+from omniedge.compress.moe import LayerStats, moe_forward, topk_route
+from omniedge.compress.prune import prune_block
+from omniedge.compress.saliency import modality_scores, scores
 from omniedge.errors import OmniedgeError
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
@@ -31,29 +33,18 @@ def _block(model: Any, layer: int = 0) -> Any:
     return copy.deepcopy(moe_blocks(model)[layer][1])
 
 
-def _observe(
-    block: Any, x: torch.Tensor, modality: torch.Tensor | None = None, layer: int = 0
-) -> ExpertStats:
-    """ExpertStats of the block's router and experts on x [T, H], through observe_moe."""
+def _observe(block: Any, x: torch.Tensor, modality: torch.Tensor | None = None, layer: int = 0) -> LayerStats:
+    """LayerStats of the block's router and experts on x [T, H], through the compression pass's MoE."""
     e, k = block.gate.weight.shape[0], block.gate.top_k
-    stats = ExpertStats.empty(layer, e, k)
+    stats = LayerStats.empty(layer, e, k)
     mod = torch.zeros(x.shape[0], dtype=torch.long) if modality is None else modality
+    ex = block.experts
     with torch.no_grad():
-        _, w, idx = block.gate(x)
-        out = observe_moe(
-            block.experts.gate_up_proj, block.experts.down_proj, x, idx, w, modality=mod, stats=stats
+        out = moe_forward(
+            x, block.gate.weight, ex.gate_up_proj, ex.down_proj, k, True, ex.act_fn, stats=stats, modality=mod
         )
         torch.testing.assert_close(out, block(x[None])[0], rtol=1e-5, atol=1e-6)
     return stats
-
-
-def _prune_block(block: Any, kept: list[int]) -> None:
-    """Keep experts `kept` of a transformers Qwen3-Omni MoE block (router rows and fused weights)."""
-    idx = torch.tensor(kept)
-    for mod, names in ((block.gate, ("weight",)), (block.experts, ("gate_up_proj", "down_proj"))):
-        for name in names:
-            setattr(mod, name, torch.nn.Parameter(getattr(mod, name).data[idx].clone(), requires_grad=False))
-        mod.num_experts = len(kept)
 
 
 # ---------------------------------------------------------------- statistics and saliencies
@@ -75,10 +66,11 @@ def test_observed_statistics_match_the_router(tiny_model: Any) -> None:
     with torch.no_grad():
         gate, up = torch.nn.functional.linear(x[0], block.experts.gate_up_proj[e]).chunk(2)
         y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, block.experts.down_proj[e])
-    alone = ExpertStats.empty(0, 8, 2)
+    alone = LayerStats.empty(0, 8, 2)
     alone.update(torch.tensor([TEXT]), idx[:1, :1], w[:1, :1], y.norm()[None, None])
     assert float(alone.reap_sum[TEXT, e]) == pytest.approx(float(w[0, 0] * y.detach().norm()), rel=1e-6)
-    back = ExpertStats.from_dict(stats.to_dict())
+    assert float(stats.reap_sum[TEXT, e]) >= float(alone.reap_sum[TEXT, e])
+    back = LayerStats.from_dict(stats.to_dict())
     assert torch.equal(back.merged(stats).counts, 2 * stats.counts)
 
 
@@ -105,11 +97,15 @@ def test_reap_ranks_a_strong_rare_expert_above_a_frequent_silent_one(tiny_model:
     assert rp[0] > rp[1]
     assert budget.select(rp, 4).count(0) == 1 and 1 not in budget.select(rp, 4)
     assert 1 in budget.select(freq, 4) and 0 not in budget.select(freq, 4)
+    # contribution = what an expert adds per token on average = REAP x frequency x top-k
+    contrib = scores(stats, "contribution", "token")
+    torch.testing.assert_close(contrib, scores(stats, "reap", "token") * freq * stats.top_k)
+    assert contrib[0] > contrib[1]
 
 
-def _routed(tokens: dict[int, tuple[int, list[int]]], e: int = 8, k: int = 2) -> ExpertStats:
+def _routed(tokens: dict[int, tuple[int, list[int]]], e: int = 8, k: int = 2) -> LayerStats:
     """Stats where modality m sends n tokens, each to the experts in its list (cycled k at a time)."""
-    stats = ExpertStats.empty(5, e, k)
+    stats = LayerStats.empty(5, e, k)
     for m, (n, experts) in tokens.items():
         idx = torch.tensor([[experts[(t + j) % len(experts)] for j in range(k)] for t in range(n)])
         w = torch.full((n, k), 1.0 / k)
@@ -136,7 +132,7 @@ def test_random_control_is_seeded_per_layer() -> None:
     a, b = _routed({TEXT: (10, [0, 1])}), _routed({TEXT: (99, [2, 3, 4])})
     assert torch.equal(scores(a, "random", seed=7), scores(b, "random", seed=7))
     assert not torch.equal(scores(a, "random", seed=7), scores(a, "random", seed=8))
-    other_layer = ExpertStats.empty(6, 8, 2)
+    other_layer = LayerStats.empty(6, 8, 2)
     assert not torch.equal(scores(a, "random", seed=7), scores(other_layer, "random", seed=7))
 
 
@@ -179,14 +175,14 @@ def test_router_renormalisation_after_pruning() -> None:
     token's weights change."""
     logits = torch.randn(200, 8, generator=torch.Generator().manual_seed(4))
     kept = [0, 2, 3, 5, 6, 7]
-    w, idx = budget.route(logits, 2)
-    w_p, idx_p = budget.route(logits[:, kept], 2)
+    w, idx = topk_route(logits, 2)
+    w_p, idx_p = topk_route(logits[:, kept], 2)
     untouched = torch.isin(idx, torch.tensor(kept)).all(-1)
     assert 0 < int(untouched.sum()) < 200
     assert torch.equal(torch.tensor(kept)[idx_p][untouched], idx[untouched])
     torch.testing.assert_close(w_p[untouched], w[untouched], rtol=1e-6, atol=1e-7)
-    w_raw, _ = budget.route(logits, 2, renormalise=False)
-    w_raw_p, _ = budget.route(logits[:, kept], 2, renormalise=False)
+    w_raw, _ = topk_route(logits, 2, normalise=False)
+    w_raw_p, _ = topk_route(logits[:, kept], 2, normalise=False)
     assert not torch.allclose(w_raw_p[untouched], w_raw[untouched])
     assert budget.router_config(True) == {"norm_topk_prob": True}
 
@@ -201,7 +197,7 @@ def test_keeping_every_expert_changes_nothing(tiny_model: Any) -> None:
     with torch.no_grad():
         before = block(x[None])
     keep = budget.uniform_budget(stats.num_experts, stats.top_k, 1.0)
-    _prune_block(block, budget.select(scores(stats, "reap"), keep))
+    prune_block(block, budget.select(scores(stats, "reap"), keep))
     with torch.no_grad():
         assert torch.equal(block(x[None]), before)
 
@@ -218,32 +214,30 @@ def test_pruning_experts_no_token_reaches_leaves_outputs_unchanged(tiny_model: A
         before, before_other = block(x[None]), block(other[None])
     kept = budget.select(scores(stats, "frequency"), used)
     assert budget.routed_share_kept(stats.counts, kept)[TEXT] == 1.0
-    _prune_block(block, kept)
+    prune_block(block, kept)
     with torch.no_grad():
         torch.testing.assert_close(block(x[None]), before, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(block(other[None]), before_other)  # inputs that needed them do change
 
 
-def test_observers_see_only_the_tokens_routed_to_each_expert(tiny_model: Any) -> None:
+def test_quantizer_inputs_are_the_tokens_routed_to_each_expert(tiny_model: Any) -> None:
+    """What a calibrated quantizer sees of fused experts: per expert, only the rows of the tokens the
+    block's router sends to it (gate_up: the MoE input; down: act(gate) * up of those rows)."""
     block = _block(tiny_model)
     e, h = block.gate.weight.shape
-    inter = block.experts.down_proj.shape[-1]
     x = torch.randn(40, h, generator=torch.Generator().manual_seed(8))
-    gate_up, down = InputObserver(h, e, samples=64), InputObserver(inter, e, hessian=True)
+    inputs = LayerInputs()
+    inputs.add_moe(x)
+    gate_up, down = inputs.experts(block, block.gate.top_k, True, Want(hessian=True, samples=64))
     with torch.no_grad():
-        _, w, idx = block.gate(x)
-        observe_moe(
-            block.experts.gate_up_proj,
-            block.experts.down_proj,
-            x,
-            idx,
-            w,
-            gate_up_inputs=gate_up,
-            down_inputs=down,
-        )
+        _, _, idx = block.gate(x)
     counts = torch.bincount(idx.flatten(), minlength=e)
-    assert torch.equal(gate_up.stats().rows, counts) and torch.equal(down.stats().rows, counts)
+    assert torch.equal(gate_up.rows, counts) and torch.equal(down.rows, counts)
     j = int(idx[0, 0])
     routed = (idx == j).any(-1)
-    torch.testing.assert_close(gate_up.stats().abs_sum[j], x[routed].abs().sum(0))
-    assert int((gate_up.stats().samples[j].abs().sum(-1) > 0).sum()) == int(counts[j])
+    torch.testing.assert_close(gate_up.abs_sum[j], x[routed].abs().sum(0))
+    torch.testing.assert_close(gate_up.hessian[j], x[routed].T @ x[routed], rtol=1e-5, atol=1e-5)
+    g, u = torch.nn.functional.linear(x[routed], block.experts.gate_up_proj[j]).chunk(2, dim=-1)
+    mid = block.experts.act_fn(g) * u
+    torch.testing.assert_close(down.abs_sum[j], mid.abs().sum(0).detach(), rtol=1e-5, atol=1e-6)
+    assert int((gate_up.samples[j].abs().sum(-1) > 0).sum()) == int(counts[j])

@@ -182,3 +182,41 @@ def test_logits_of_a_step_stay_what_they_were(odd: dict[str, Any]) -> None:
         snapshot = kept.copy()
         omni.thinker.decode(omni.embed_table[int(kept.argmax())], inputs.ids.size + inputs.rope_delta)
         assert np.array_equal(kept, snapshot)
+
+
+def test_zero_points_groups_and_per_layer_experts_export_equal_transformers(
+    odd: dict[str, Any], tmp_path: Path
+) -> None:
+    """A checkpoint with per-group zero points or a smaller group, pruned to a different expert count per
+    layer (global budget), exports to the ORT flavour and generates transformers' greedy tokens; the
+    portable flavour refuses what it cannot unpack."""
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress.pipeline import compress
+    from omniedge.compress.recipe import default_recipe
+    from omniedge.export.bundle import export_bundle
+    from omniedge.runtime.app import Omni
+
+    recipe = default_recipe()
+    recipe["stages"] = [
+        {"prune": {"method": "random", "seed": 1, "keep_ratio": 0.5, "budget": "global"}},  # 7 + 5 experts
+        {
+            "quantize": {"method": "rtn", "group_size": 64, "symmetric": False}
+        },  # MatMulNBits input 3, QMoE 11/12
+    ]
+    recipe["calibration"].update(samples=6, max_tokens=96, image_size=64, audio_seconds=1.0)
+    src = Path(odd["checkpoint"]).parent / "src"
+    ckpt = compress(src, tmp_path / "ckpt", recipe, progress=False)
+    counts = __import__("json").loads((ckpt / "config.json").read_text())["thinker_config"]["text_config"]
+    assert len(set(counts["omniedge_experts_per_layer"])) == 2  # the budget moved experts between layers
+    model = load_checkpoint(ckpt)[0]
+    bundle = export_bundle(ckpt, tmp_path / "bundle", progress=False)
+    with Omni.load(bundle) as omni:
+        for kind in ("text", "image+audio"):
+            media = _media(kind)
+            res = omni.chat(PROMPT, max_new_tokens=NEW, **media)
+            ref, _, _ = hf_greedy(model, omni.preprocess(PROMPT, **media), omni.manifest.eos_token_ids, NEW)
+            assert res.token_ids == ref, kind
+    with pytest.raises(OmniedgeError, match="portable") as err:
+        export_bundle(ckpt, tmp_path / "portable", flavour="portable", progress=False)
+    assert "--flavour ort" in (err.value.fix or "")
+    assert not (tmp_path / "portable").exists()

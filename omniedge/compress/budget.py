@@ -1,15 +1,11 @@
 """How many experts each MoE layer keeps, and which: uniform, or non-uniform by a global saliency ranking.
 
-Router after pruning (Qwen3-Omni: softmax over the experts' logits -> top-k -> renormalise the k
-probabilities to sum to 1, `norm_topk_prob: true`). Pruning deletes the router rows of the dropped
-experts, so the softmax runs over the kept experts only. With renormalisation the k weights are
-softmax(top-k logits): the softmax denominator cancels, so a token whose top-k experts all survive gets
-the same experts and weights as before (up to float rounding), and a token that lost one gets the next-best kept
-expert with the k weights again summing to 1. Without it (`norm_topk_prob: false`) the weights are the
-kept-expert softmax probabilities, p_j / sum(p over kept experts): every token's weights change with
-the pruned experts' share of probability. `router_config(renormalise)` says which config value a pruned
-checkpoint gets; Qwen3-Omni's thinker and talker were trained with renormalisation, so turning it off
-changes every token's MoE output and is for experiments only.
+The router after pruning is Qwen3's own (moe.topk_route): its softmax runs over the kept experts and,
+with renormalisation (`norm_topk_prob: true`, how Qwen3-Omni was trained), a token whose top-k all
+survive keeps its experts and weights exactly. `router_config(renormalise)` gives the config value a
+pruned checkpoint gets; turning renormalisation off changes every token's MoE output and is for
+experiments only. `num_experts_per_tok` is never changed: a budget that leaves a layer fewer experts
+than top-k is refused.
 """
 
 from __future__ import annotations
@@ -25,13 +21,6 @@ from omniedge.errors import OmniedgeError
 def router_config(renormalise: bool = True) -> dict[str, bool]:
     """The text-config fields a pruned checkpoint gets (see the module docstring)."""
     return {"norm_topk_prob": bool(renormalise)}
-
-
-def route(logits: torch.Tensor, top_k: int, renormalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's router on logits [T, E] (over the experts that exist): (weights [T, k], experts [T, k])."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    return (w / w.sum(-1, keepdim=True) if renormalise else w), idx
 
 
 def _round_up(n: int, multiple: int) -> int:

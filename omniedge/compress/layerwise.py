@@ -10,6 +10,7 @@ of every layer are the teacher's; the student streams measure what each stage co
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from omniedge.compress.moe import LayerStats, moe_forward, route
-from omniedge.compress.prune import PruneStage
-from omniedge.compress.quantize import QuantizeStage, WeightInputs
+from omniedge.compress.layer_inputs import LayerInputs
+from omniedge.compress.moe import LayerStats, moe_forward
 from omniedge.compress.skeleton import LayerInput, ThinkerSkeleton, add_deepstack
+from omniedge.compress.stages import LayerWork, Stage
+from omniedge.weights import layer_prefix
 
 MOE_BATCH_TOKENS = 1 << 16  # tokens per batched MoE call: bounds the activations held at once
 
@@ -74,10 +76,10 @@ def run_layer(
     top_k: int,
     normalise: bool,
     stats: LayerStats | None = None,
-    keep_moe_inputs: list[torch.Tensor] | None = None,
+    inputs: LayerInputs | None = None,
 ) -> list[torch.Tensor]:
     """Hidden states after decoder layer `index` for every sample (attention per sample, the MoE batched
-    over samples); `stats` gets the routing statistics, `keep_moe_inputs` the MoE input rows."""
+    over samples); `stats` gets the routing statistics, `inputs` the MoE input rows."""
     block = layer.mlp
     out: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -111,8 +113,8 @@ def run_layer(
                 stats=stats,
                 modality=modality,
             )
-            if keep_moe_inputs is not None:
-                keep_moe_inputs.append(x)
+            if inputs is not None:
+                inputs.add_moe(x)
             start = 0
             for i, post in zip(group, posts, strict=True):
                 n = samples[i].length
@@ -120,59 +122,6 @@ def run_layer(
                 out.append(add_deepstack(h, samples[i].x, index))
                 start += n
     return out
-
-
-class _Inputs:
-    """WeightInputs of one layer's quantized weights, from the teacher's calibration pass (lazy)."""
-
-    def __init__(
-        self,
-        layer: nn.Module,
-        moe_in: torch.Tensor,
-        attn_in: dict[str, list[torch.Tensor]],
-        top_k: int,
-        normalise: bool,
-        teacher_gate: torch.Tensor,
-        kept: list[int] | None,
-    ) -> None:
-        self.layer, self.moe_in, self.attn_in = layer, moe_in, attn_in
-        r = route(moe_in, teacher_gate, top_k, normalise)  # the teacher's routing of every token
-        by_expert = {e: r.token[a:b] for e, a, b in r.spans()}
-        empty = torch.zeros(0, dtype=torch.long, device=moe_in.device)
-        order = kept if kept is not None else list(range(teacher_gate.shape[0]))
-        self.tokens = [by_expert.get(old, empty) for old in order]
-
-    def __call__(self, local: str) -> WeightInputs:
-        if local.startswith("self_attn."):
-            key = "o_proj" if "o_proj" in local else "qkv"
-            return WeightInputs(lambda _e: torch.cat(self.attn_in[key]))
-        experts = self.layer.mlp.experts
-
-        def rows(e: int | None) -> torch.Tensor:
-            assert e is not None, "fused experts: ask per expert"
-            x = self.moe_in[self.tokens[e]]
-            if local.endswith("gate_up_proj"):
-                return x
-            g, u = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            return experts.act_fn(g) * u
-
-        return WeightInputs(rows, lambda e: int(self.tokens[e].numel()))
-
-
-def _attention_inputs(layer: nn.Module) -> tuple[dict[str, list[torch.Tensor]], list[Any]]:
-    got: dict[str, list[torch.Tensor]] = {"qkv": [], "o_proj": []}
-
-    def keep(key: str) -> Callable[..., None]:
-        def hook(_m: Any, args: tuple[torch.Tensor, ...]) -> None:
-            got[key].append(args[0].reshape(-1, args[0].shape[-1]))
-
-        return hook
-
-    hooks = [
-        layer.self_attn.q_proj.register_forward_pre_hook(keep("qkv")),
-        layer.self_attn.o_proj.register_forward_pre_hook(keep("o_proj")),
-    ]
-    return got, hooks
 
 
 @dataclass
@@ -184,87 +133,111 @@ class Streams:
     heldout: dict[str, list[torch.Tensor]]
 
 
+def layer_error(
+    teacher_in: list[torch.Tensor], teacher_out: list[torch.Tensor], student_out: list[torch.Tensor]
+) -> float:
+    """How far a compressed layer's output is from the teacher's on the same (teacher's) input:
+    sum ||y_student - y_teacher||^2 / sum ||y_teacher - x||^2, relative to what the layer adds to the
+    residual stream (the residual itself would make every error look small)."""
+    num = den = 0.0
+    for x, yt, ys in zip(teacher_in, teacher_out, student_out, strict=True):
+        num += float((ys.float() - yt.float()).square().sum())
+        den += float((yt.float() - x.float()).square().sum())
+    return num / den if den > 0 else 0.0
+
+
 class LayerByLayer:
     """Runs the recipe's stages over every decoder layer of `skeleton`, calling `write(layer, index,
-    packed)` for each finished layer (packed: INT4 tensors by canonical name)."""
+    packed)` for each finished layer (packed: quantizers.Packed by canonical name)."""
 
-    def __init__(self, skeleton: ThinkerSkeleton, stages: list[Any], write: Callable[..., None]) -> None:
+    def __init__(self, skeleton: ThinkerSkeleton, stages: list[Stage], write: Callable[..., None]) -> None:
         self.sk, self.stages, self.write = skeleton, stages, write
         self.stats: list[LayerStats] = []
-        self.seconds: dict[str, float] = {
-            "load": 0.0,
-            "calibrate": 0.0,
-            "measure": 0.0,
-            "prune": 0.0,
-            "quantize": 0.0,
-            "write": 0.0,
-        }
+        self.report: list[dict[str, Any]] = []
+        self.seconds: dict[str, float] = {"sweep": 0.0, "load": 0.0, "calibrate": 0.0, "measure": 0.0}
+        self.seconds.update({st.name: 0.0 for st in stages})
+        self.seconds["write"] = 0.0
         self.layer_seconds: list[float] = []
+        cfg = skeleton.text_config
+        self.top_k, self.normalise = int(cfg.num_experts_per_tok), bool(cfg.norm_topk_prob)
+
+    def _stats_for(self, layer: nn.Module, index: int) -> LayerStats | None:
+        if not hasattr(layer.mlp, "experts"):
+            return None
+        return LayerStats.empty(index, int(layer.mlp.gate.weight.shape[0]), self.top_k)
+
+    def sweep(self, calib: list[Sample], progress: bool = True) -> list[LayerStats]:
+        """Every MoE layer's teacher statistics, from a calibration pass that changes nothing (what a
+        non-uniform budget ranks before any layer is pruned). The layer-0 inputs are left as they are."""
+        from tqdm.auto import tqdm
+
+        t = time.perf_counter()
+        hidden = [s.x.hidden for s in calib]
+        out: list[LayerStats] = []
+        for li in tqdm(range(len(self.sk.layers)), desc="statistics", unit="layer", disable=not progress):
+            layer = self.sk.load(self.sk.layers[li])
+            stats = self._stats_for(layer, li)
+            hidden = run_layer(layer, li, calib, hidden, self.top_k, self.normalise, stats)
+            self.sk.unload(layer)
+            if stats is not None:
+                out.append(stats)
+        self.seconds["sweep"] += time.perf_counter() - t
+        return out
 
     def run(self, calib: list[Sample], heldout: list[Sample], progress: bool = True) -> Streams:
         from tqdm.auto import tqdm
 
-        cfg = self.sk.text_config
-        top_k, norm = int(cfg.num_experts_per_tok), bool(cfg.norm_topk_prob)
+        if any(st.needs_all_stats for st in self.stages):
+            all_stats = self.sweep(calib, progress)
+            for st in self.stages:
+                st.plan(all_stats)
+        top_k, norm = self.top_k, self.normalise
         streams = Streams([s.x.hidden for s in calib], {"teacher": [s.x.hidden for s in heldout]})
         for st in self.stages:
             streams.heldout[st.name] = list(streams.heldout["teacher"])
         for s in [*calib, *heldout]:
             s.x.hidden = None  # type: ignore[assignment]  # the streams own the hidden states now
-        needs_inputs = any(getattr(st, "needs_inputs", False) for st in self.stages)
+        needs_inputs = any(st.needs_inputs for st in self.stages)
         bar = tqdm(range(len(self.sk.layers)), desc="layers", unit="layer", disable=not progress)
         for li in bar:
             t_layer = time.perf_counter()
-            layer = self.sk.layers[li]
             t = time.perf_counter()
-            self.sk.load(layer)
+            layer = self.sk.load(self.sk.layers[li])
             self.seconds["load"] += time.perf_counter() - t
-            block = layer.mlp
-            is_moe = hasattr(block, "experts")
-            stats = LayerStats.empty(li, int(block.gate.weight.shape[0]), top_k) if is_moe else None
-            teacher_gate = block.gate.weight.detach().clone() if (is_moe and needs_inputs) else None
+            stats = self._stats_for(layer, li)
 
             t = time.perf_counter()
-            moe_in: list[torch.Tensor] | None = [] if needs_inputs else None
-            attn_in, hooks = _attention_inputs(layer) if needs_inputs else ({}, [])
-            try:
+            inputs = LayerInputs() if needs_inputs else None
+            with inputs.recording(layer) if inputs is not None else contextlib.nullcontext():
                 streams.calibration = run_layer(
-                    layer, li, calib, streams.calibration, top_k, norm, stats, moe_in
+                    layer, li, calib, streams.calibration, top_k, norm, stats, inputs
                 )
-            finally:
-                for h in hooks:
-                    h.remove()
             if stats is not None:
                 self.stats.append(stats)
             self.seconds["calibrate"] += time.perf_counter() - t
             t = time.perf_counter()
-            streams.heldout["teacher"] = run_layer(
-                layer, li, heldout, streams.heldout["teacher"], top_k, norm
-            )
+            teacher_in = streams.heldout["teacher"]
+            streams.heldout["teacher"] = run_layer(layer, li, heldout, teacher_in, top_k, norm)
             self.seconds["measure"] += time.perf_counter() - t
 
-            packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            kept: list[int] | None = None
+            work = LayerWork(li, layer, layer_prefix(li), stats, inputs, top_k, norm)
+            errors: dict[str, float] = {}
             for st in self.stages:
                 t = time.perf_counter()
-                if isinstance(st, PruneStage) and stats is not None:
-                    kept = st.apply_layer(block, stats)
-                elif isinstance(st, QuantizeStage):
-                    inputs = None
-                    if needs_inputs and moe_in is not None:
-                        x = torch.cat(moe_in) if moe_in else torch.zeros(0)
-                        gate = teacher_gate if teacher_gate is not None else torch.zeros(0, x.shape[-1])
-                        inputs = _Inputs(layer, x, attn_in, top_k, norm, gate, kept)
-                    packed.update(st.apply_layer(layer, f"thinker.model.layers.{li}.", inputs))
+                st.apply(work)
                 self.seconds[st.name] += time.perf_counter() - t
                 t = time.perf_counter()
                 streams.heldout[st.name] = run_layer(
-                    layer, li, heldout, streams.heldout[st.name], top_k, norm
+                    layer, li, heldout, streams.heldout[st.name], top_k, work.normalise
                 )
+                isolated = run_layer(layer, li, heldout, teacher_in, top_k, work.normalise)
+                errors[st.name] = round(layer_error(teacher_in, streams.heldout["teacher"], isolated), 8)
                 self.seconds["measure"] += time.perf_counter() - t
+            self.report.append({"layer": li, **work.report, "output_error": errors})
             t = time.perf_counter()
-            self.write(layer, li, packed)
+            self.write(layer, li, work.packed)
             self.sk.unload(layer)
+            del inputs, work
             self.seconds["write"] += time.perf_counter() - t
             self.layer_seconds.append(time.perf_counter() - t_layer)
         return streams

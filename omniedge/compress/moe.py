@@ -6,56 +6,125 @@ one gather + two linears per expert, outputs weighted and `index_add_`-ed in exp
 here and the same layer run by transformers agree. Tokens are grouped by expert with one sort instead of
 transformers' [tokens, k, experts] one-hot mask, so hundreds of thousands of calibration tokens pass in one
 call. No Python loop runs over tokens; one runs over experts.
+
+`LayerStats` is the one record of what calibration saw of one MoE layer's routing; every saliency
+(omniedge.compress.saliency) and the reports are functions of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio")  # row order of every [3, E] tensor (omniedge.compress.calibration)
+
+
+class Sums(NamedTuple):
+    """Routing sums with any leading shape: [3] / [3, E] per modality, or [] / [E] pooled."""
+
+    tokens: torch.Tensor  # token positions that reached the layer
+    counts: torch.Tensor  # times expert j was among a token's top-k
+    router_mass: torch.Tensor  # sum of g_j(x) over those tokens
+    reap_sum: torch.Tensor  # sum of g_j(x) * ||expert_j(x)||_2 over those tokens
+    top_k: int
 
 
 @dataclass
 class LayerStats:
     """Calibration statistics of one MoE layer, per modality (rows: text, image, audio) and expert.
 
-    counts: tokens routed to the expert (it was in their top-k); weight: summed router weight of those
-    tokens; reap: summed router weight x ||expert output||_2 (REAP's saliency numerator); norm: summed
-    ||expert output||_2; tokens: token positions seen per modality. float64 / int64, on the CPU.
+    g_j(x) is the weight the model multiplies expert j's output by: for Qwen3-Omni (`norm_topk_prob`) the
+    top-k softmax probabilities renormalised to sum to 1, so g_j(x) ||expert_j(x)|| is exactly the norm of
+    expert j's contribution to the layer output. CPU tensors, int64 / float64.
     """
 
     layer: int
     num_experts: int
     top_k: int
-    counts: torch.Tensor  # [3, E] int64
-    weight: torch.Tensor  # [3, E] float64
-    reap: torch.Tensor  # [3, E] float64
-    norm: torch.Tensor  # [3, E] float64
+    counts: torch.Tensor  # [3, E] tokens routed to the expert (it was in their top-k)
+    router_mass: torch.Tensor  # [3, E] summed g_j(x) of those tokens
+    reap_sum: torch.Tensor  # [3, E] summed g_j(x) * ||expert_j(x)||_2 (REAP's numerator)
+    norm_sum: torch.Tensor  # [3, E] summed ||expert_j(x)||_2
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.int64))  # [3]
+
+    FIELDS = ("counts", "router_mass", "reap_sum", "norm_sum", "tokens")
 
     @classmethod
     def empty(cls, layer: int, num_experts: int, top_k: int) -> LayerStats:
         def z(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(3, num_experts, dtype=dtype)
 
-        return cls(
-            layer, num_experts, top_k, z(torch.int64), z(torch.float64), z(torch.float64), z(torch.float64)
+        f64 = torch.float64
+        return cls(layer, num_experts, top_k, z(torch.int64), z(f64), z(f64), z(f64))
+
+    def update(
+        self, modality: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor
+    ) -> None:
+        """Add one batch of T token positions: modality [T] (0 text, 1 image, 2 audio), the router's top-k
+        experts [T, k] and weights g [T, k], and ||expert(x)||_2 of each chosen expert [T, k]; one
+        scatter-add per sum, no loops."""
+        if not experts.shape == weights.shape == norms.shape or experts.shape[0] != modality.shape[0]:
+            raise ValueError(
+                f"shapes disagree: modality {tuple(modality.shape)}, experts {tuple(experts.shape)}, "
+                f"weights {tuple(weights.shape)}, norms {tuple(norms.shape)}"
+            )
+        e = self.num_experts
+        mod = modality.long().to(experts.device)
+        key = (mod[:, None] * e + experts.long()).reshape(-1)
+        w, n = weights.double().reshape(-1), norms.double().reshape(-1)
+
+        def summed(values: torch.Tensor) -> torch.Tensor:
+            acc = torch.zeros(3 * e, dtype=torch.float64, device=key.device)
+            return acc.index_add_(0, key, values).view(3, e).cpu()
+
+        self.tokens += torch.bincount(mod, minlength=3).cpu()
+        self.counts += torch.bincount(key, minlength=3 * e).view(3, e).cpu()
+        self.router_mass += summed(w)
+        self.reap_sum += summed(w * n)
+        self.norm_sum += summed(n)
+
+    def merged(self, other: LayerStats) -> LayerStats:
+        """The sums of two passes over different calibration data (same layer and experts)."""
+        if (self.layer, self.num_experts, self.top_k) != (other.layer, other.num_experts, other.top_k):
+            raise ValueError("can only merge statistics of the same layer, experts and top-k")
+        out = LayerStats.empty(self.layer, self.num_experts, self.top_k)
+        for f in self.FIELDS:
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        return out
+
+    def per_modality(self) -> Sums:
+        return Sums(self.tokens, self.counts, self.router_mass, self.reap_sum, self.top_k)
+
+    def pooled(self) -> Sums:
+        return Sums(
+            self.tokens.sum(0), self.counts.sum(0), self.router_mass.sum(0), self.reap_sum.sum(0), self.top_k
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: getattr(self, k)
-            for k in ("layer", "num_experts", "top_k", "counts", "weight", "reap", "norm", "tokens")
-        }
+        return {k: getattr(self, k) for k in ("layer", "num_experts", "top_k", *self.FIELDS)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
         return cls(**d)
+
+
+def topk_route(logits: torch.Tensor, top_k: int, normalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-Omni's router on logits [T, E] (Qwen3OmniMoeThinkerTextTopKRouter): float softmax over the
+    experts that exist -> top-k -> renormalise the k probabilities to sum to 1 (`norm_topk_prob`).
+    Returns (weights [T, k] float32, experts [T, k]).
+
+    After pruning the softmax runs over the kept experts only; renormalisation cancels its denominator,
+    so a token whose top-k all survive keeps its experts and weights, and one that lost an expert gets
+    the next-best kept one. Without renormalisation every token's weights change."""
+    probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    if normalise:
+        top /= top.sum(dim=-1, keepdim=True)
+    return top, idx
 
 
 @dataclass
@@ -77,14 +146,16 @@ class Routing:
             start += c
         return out
 
+    def tokens_of(self, expert: int) -> torch.Tensor:
+        """The tokens routed to `expert` (ascending)."""
+        start = sum(self.counts[:expert])
+        return self.token[start : start + self.counts[expert]]
+
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bool) -> Routing:
-    """Qwen3-Omni's router (Qwen3OmniMoeThinkerTextTopKRouter) over tokens x [T, H]."""
+    """The router over tokens x [T, H], grouped by expert."""
     logits = F.linear(x, gate_weight)
-    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
-    top, idx = torch.topk(probs, top_k, dim=-1)
-    if normalise:
-        top /= top.sum(dim=-1, keepdim=True)
+    top, idx = topk_route(logits, top_k, normalise)
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=gate_weight.shape[0]).tolist()
@@ -101,51 +172,21 @@ def moe_forward(
     act: Callable[[torch.Tensor], torch.Tensor],
     stats: LayerStats | None = None,
     modality: torch.Tensor | None = None,
-    on_expert: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The MoE block's output for tokens x [T, H] (gate_up [E, 2I, H] gate rows first, down [E, H, I]).
 
-    With `stats` (and `modality` [T]: 0 text, 1 image, 2 audio) the routing statistics are added to it.
-    `on_expert(e, token_ids, x_e, act_e)` sees each expert's routed tokens, its input rows and the
-    activations that reach its down projection (what GPTQ/AWQ-style quantizers calibrate on).
-    """
+    With `stats` (and `modality` [T]: 0 text, 1 image, 2 audio) the routing statistics are added to it."""
     r = route(x, gate_weight, top_k, normalise)
     out = torch.zeros_like(x)
-    want_norms = stats is not None
-    norms = torch.empty(r.token.shape[0], dtype=torch.float32, device=x.device) if want_norms else None
+    norms = torch.zeros(r.indices.shape, dtype=torch.float32, device=x.device) if stats is not None else None
     for e, a, b in r.spans():
         tok, slot = r.token[a:b], r.slot[a:b]
-        h = x[tok]
-        g, u = F.linear(h, gate_up[e]).chunk(2, dim=-1)
-        mid = act(g) * u
-        y = F.linear(mid, down[e])
+        g, u = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(act(g) * u, down[e])
         if norms is not None:
-            norms[a:b] = y.float().norm(dim=-1)
-        if on_expert is not None:
-            on_expert(e, tok, h, mid)
+            norms[tok, slot] = y.float().norm(dim=-1)
         out.index_add_(0, tok, (y * r.weights[tok, slot, None]).to(out.dtype))
     if stats is not None:
         assert modality is not None and norms is not None
-        _accumulate(stats, r, norms, modality.to(x.device))
+        stats.update(modality.to(x.device), r.indices, r.weights, norms)
     return out
-
-
-def _accumulate(stats: LayerStats, r: Routing, norms: torch.Tensor, modality: torch.Tensor) -> None:
-    """Add one batch's routing to `stats` with scatter-adds keyed by (modality, expert): no loops."""
-    e_count = stats.num_experts
-    expert = r.indices[r.token, r.slot]
-    key = modality[r.token] * e_count + expert
-    w = r.weights[r.token, r.slot].double()
-    n = norms.double()
-
-    def summed(values: torch.Tensor | None) -> torch.Tensor:
-        if values is None:
-            return torch.bincount(key, minlength=3 * e_count).view(3, e_count).cpu()
-        acc = torch.zeros(3 * e_count, dtype=torch.float64, device=key.device)
-        return acc.index_add_(0, key, values).view(3, e_count).cpu()
-
-    stats.counts += summed(None)
-    stats.weight += summed(w)
-    stats.reap += summed(w * n)
-    stats.norm += summed(n)
-    stats.tokens += torch.bincount(modality, minlength=3).cpu()

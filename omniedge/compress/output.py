@@ -30,10 +30,12 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _int4_bytes(shape: tuple[int, ...], group: int) -> int:
+def _int4_bytes(shape: tuple[int, ...], group: int, symmetric: bool = True) -> int:
     *lead, n, k = shape
-    rows = math.prod(lead) * n * math.ceil(k / group)
-    return rows * (group // 2) + rows * 4
+    nb = math.ceil(k / group)
+    rows = math.prod(lead) * n * nb
+    zero_points = 0 if symmetric else math.prod(lead) * n * math.ceil(nb / 2)
+    return rows * (group // 2) + rows * 4 + zero_points
 
 
 def expected_bytes(sk: ThinkerSkeleton, stages: list[Any], dtype: torch.dtype) -> int:
@@ -44,15 +46,17 @@ def expected_bytes(sk: ThinkerSkeleton, stages: list[Any], dtype: torch.dtype) -
     total = 0
     for layer in sk.layers:
         quantized = (
-            {local for local, _, _ in layer_targets(layer, quant.settings["targets"])} if quant else set()
+            {local for local, _, _ in layer_targets(layer, quant.settings.targets)} if quant else set()
         )
         e = int(layer.mlp.gate.weight.shape[0]) if hasattr(layer.mlp, "experts") else 0
+        li = sk.layer_index(layer)
         for name, p in layer.named_parameters():
             shape = tuple(int(d) for d in p.shape)
             if prune is not None and e and shape and shape[0] == e and name.startswith("mlp."):
-                shape = (prune.keep, *shape[1:])
+                # a global budget is decided later: its per-layer counts average to the uniform keep
+                shape = (prune.counts.get(li, prune.keep) if li is not None else prune.keep, *shape[1:])
             if name in quantized and quant is not None:
-                total += _int4_bytes(shape, int(quant.settings["group_size"]))
+                total += _int4_bytes(shape, quant.settings.group_size, quant.settings.symmetric)
             else:
                 total += math.prod(shape) * size
     for name, p in sk.model.named_parameters():
@@ -96,12 +100,15 @@ def check_disk(out: Path, need: int) -> None:
 class CheckpointWriter:
     """Streams one checkpoint's tensors into `directory` (a temporary directory renamed at the end)."""
 
-    def __init__(self, directory: Path, dtype: torch.dtype, shard_bytes: int, group_size: int | None) -> None:
+    def __init__(
+        self, directory: Path, dtype: torch.dtype, shard_bytes: int, quant: QuantizeStage | None
+    ) -> None:
         self.dir, self.dtype = directory, dtype
         self.floats = ShardWriter(directory, "model", shard_bytes)
-        meta = {"format": "omniedge-int4", "bits": str(int4.BITS), "zero_point": str(int4.ZERO_POINT)}
-        if group_size:
-            meta["group_size"] = str(group_size)
+        meta = {"format": "omniedge-int4", "bits": str(int4.BITS)}
+        if quant is not None:
+            meta["group_size"] = str(quant.settings.group_size)
+            meta["zero_point"] = str(int4.ZERO_POINT) if quant.settings.symmetric else "per-group"
         self.int4 = ShardWriter(directory, INT4_PREFIX, shard_bytes, meta)
         self.int4_count = 0
         self._bytes: dict[str, dict[str, int]] = {}
@@ -125,16 +132,14 @@ class CheckpointWriter:
         for local, name in sk.canonical(module).items():
             self._float(name, params[local])
 
-    def add_layer(
-        self, sk: ThinkerSkeleton, layer: torch.nn.Module, packed: dict[str, tuple[Any, Any]]
-    ) -> None:
+    def add_layer(self, sk: ThinkerSkeleton, layer: torch.nn.Module, packed: dict[str, Any]) -> None:
+        """One finished layer: packed INT4 (quantizers.Packed by canonical name) and every float tensor."""
         params = dict(layer.named_parameters())
         for local, name in sk.canonical(layer).items():
             if name in packed:
-                q, s = packed[name]
-                for suffix, t in ((".qweight", q), (".scales", s)):
+                for key, t in packed[name].tensors(name).items():
                     self._count(name, "int4", t)
-                    self.int4.add(name + suffix, t)
+                    self.int4.add(key, t)
                 self.int4_count += 1
             elif local in _EXPERTS:  # float experts: per expert, as the published checkpoint
                 w = params[local]
@@ -169,8 +174,7 @@ def output_config(
     cfg["enable_audio_output"] = False
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     for s in stages:
-        if isinstance(s, PruneStage):
-            cfg["thinker_config"]["text_config"]["num_experts"] = s.keep
+        s.config_updates(cfg["thinker_config"]["text_config"])
         if isinstance(s, QuantizeStage) and int4_files:
             cfg["omniedge_quantization"] = s.config(int4_file(int4_files))
     return cfg

@@ -121,20 +121,27 @@ def _check_complete(sk: Any, source: Any, where: str) -> None:
         )
 
 
-def make_stages(recipe: dict[str, Any], text_config: Any) -> list[Any]:
-    """The recipe's stages as objects, validated against the model (an impossible keep ratio fails here)."""
-    from omniedge.compress.prune import PruneStage
-    from omniedge.compress.quantize import QuantizeStage
+def model_facts(text_config: Any) -> Any:
+    from omniedge.compress.stages import ModelFacts
 
+    layers = int(text_config.num_hidden_layers)
+    only = set(getattr(text_config, "mlp_only_layers", None) or [])
+    step = int(getattr(text_config, "decoder_sparse_step", 1) or 1)
+    experts = int(text_config.num_experts)
+    moe = tuple(i for i in range(layers) if i not in only and experts > 0 and (i + 1) % step == 0)
+    return ModelFacts(experts, int(text_config.num_experts_per_tok), moe, bool(text_config.norm_topk_prob))
+
+
+def make_stages(recipe: dict[str, Any], text_config: Any) -> list[Any]:
+    """The recipe's stages as objects, checked against the model (an impossible budget fails here)."""
+    from omniedge.compress.recipe import stage_types
+
+    facts = model_facts(text_config)
+    types = stage_types()
     out: list[Any] = []
-    for st in recipe["stages"]:
+    for i, st in enumerate(recipe["stages"]):
         ((name, settings),) = st.items()
-        if name == "prune":
-            out.append(
-                PruneStage(settings, int(text_config.num_experts), int(text_config.num_experts_per_tok))
-            )
-        elif name == "quantize":
-            out.append(QuantizeStage(settings))
+        out.append(types[name].from_recipe(settings, facts, f"stages[{i}].{name}"))
     return out
 
 
@@ -189,7 +196,9 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         teacher_bf16_bytes,
         write_side_files,
     )
+    from omniedge.compress.prune import PruneStage
     from omniedge.compress.quantize import QuantizeStage
+    from omniedge.compress.quantizers import refuse_quantized
     from omniedge.compress.recipe import validate_recipe
     from omniedge.compress.skeleton import ThinkerSkeleton
     from omniedge.models.registry import open_source
@@ -206,6 +215,7 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
             raise OmniedgeError(
                 f"{model} is already an omniedge INT4 checkpoint", "compress the float checkpoint"
             )
+        refuse_quantized(src.config)
         sk = ThinkerSkeleton(src.config, src.tensors, device, dtype)
         _check_complete(sk, src.tensors, str(src.path or model))
         stages = make_stages(recipe, sk.text_config)
@@ -219,13 +229,20 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         held_counts = {"text": mea["texts"], "image": mea["images"], "audio": mea["audios"]}
         held_req = build_requests(cal, held_counts, "heldout")
     quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
-    group = int(quant.settings["group_size"]) if quant else None
     with atomic_dir(out, CHECKPOINT) as tmp:
-        writer = CheckpointWriter(tmp, dtype, int(recipe["output"]["shard_mb"]) << 20, group)
+        writer = CheckpointWriter(tmp, dtype, int(recipe["output"]["shard_mb"]) << 20, quant)
         with meter.phase("encode"):
             sk.load_front()
             calib = _encode(sk, src.tokenizer, cal_req, cal["max_tokens"])
             heldout = _encode(sk, src.tokenizer, held_req, mea["max_tokens"])
+            if quant is not None:
+                tc = sk.text_config
+                attn_width = int(tc.num_attention_heads) * int(
+                    getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+                )
+                quant.check_calibration(
+                    sum(s.length for s in calib), {"q_proj": int(tc.hidden_size), "o_proj": attn_width}
+                )
             for m in (sk.parts.text_model.embed_tokens, sk.parts.audio_tower, sk.parts.visual):
                 writer.add_module(sk, m)
             sk.unload_front()
@@ -241,13 +258,22 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
             files = writer.close()
             config = output_config(src.config, stages, files.get("int4"), dtype)
             write_side_files(tmp, src.path, src.tokenizer, config)
-            torch.save({"layers": [s.to_dict() for s in engine.stats]}, tmp / STATS_FILE)
+            prune = next((s for s in stages if isinstance(s, PruneStage)), None)
+            torch.save(
+                {
+                    "layers": [s.to_dict() for s in engine.stats],
+                    "saliency": {}
+                    if prune is None
+                    else {"method": prune.settings.method, "layers": prune.saliency},
+                },
+                tmp / STATS_FILE,
+            )
             records = []
             for st in stages:
                 records.append(
                     {
                         "name": st.name,
-                        "settings": st.settings,
+                        "settings": st.settings.as_dict(),
                         "seconds": round(engine.seconds[st.name], 3),
                         "measured": measured.get(st.name),
                         "result": st.result(),
@@ -274,6 +300,7 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
                 "layers": {
                     "seconds": {k: round(v, 3) for k, v in engine.seconds.items()},
                     "per_layer_seconds": [round(x, 3) for x in engine.layer_seconds],
+                    "report": engine.report,
                 },
             }
         meta["model"] = meta["model"] or src.name
@@ -288,6 +315,14 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
     if progress:
         print_summary(meta, out)
     return out
+
+
+def _experts(res: dict[str, Any]) -> str:
+    if "experts_after" not in res:
+        return ""
+    per = sorted(set((res.get("experts_per_layer") or {}).values()))
+    after = f"{per[0]}-{per[-1]} per layer" if len(per) > 1 else str(res["experts_after"])
+    return f"{res['experts_before']} -> {after}"
 
 
 def print_summary(meta: dict[str, Any], out: Path) -> None:
@@ -305,7 +340,7 @@ def print_summary(meta: dict[str, Any], out: Path) -> None:
         by = mes.get("by_modality", {})
         t.add_row(
             r["name"],
-            f"{res['experts_before']} -> {res['experts_after']}" if "experts_after" in res else "",
+            _experts(res),
             f"{res['int4_bytes'] / 2**20:.1f}" if "int4_bytes" in res else "",
             " / ".join(f"{by[m]['kl']:.3g}" if m in by else "-" for m in ("text", "image", "audio")),
             f"{mes.get('top1', float('nan')):.3f}",

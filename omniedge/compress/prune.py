@@ -1,73 +1,71 @@
-"""Expert pruning, one MoE layer at a time: score the experts from the layer's calibration statistics, keep
-the same number in every layer, cut the router rows and fused expert weights.
+"""The `prune` stage: score each MoE layer's experts from the teacher's calibration statistics (a
+saliency, omniedge.compress.saliency), keep the best of each layer (a budget, omniedge.compress.budget),
+cut the router rows and fused expert weights.
 
-A saliency is a function of one layer's statistics (`moe.LayerStats`: per modality and expert, routed
-token counts, summed router weight, REAP's summed router weight x expert output norm, summed output norms)
-and the prune settings, returning one score per expert (higher = keep). New saliencies plug in with
-`register_saliency` without touching the pipeline.
+Budgets: `uniform` keeps round(E x keep_ratio) in every layer; `global` ranks the experts of all layers
+together (each layer's scores divided by their sum), after every layer keeps `min_keep` (default top-k):
+it needs every layer's statistics first, so the pipeline runs a statistics-only sweep before pruning.
+Counts can be rounded to a multiple (`multiple_of`). `num_experts_per_tok` never changes.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from omniedge.compress import budget, saliency
 from omniedge.compress.moe import MODALITIES, LayerStats
+from omniedge.compress.recipe import (
+    as_bool,
+    as_choice,
+    as_float,
+    as_int,
+    check_keys,
+    recipe_error,
+)
+from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 from omniedge.errors import OmniedgeError
+from omniedge.int4_modules import EXPERTS_PER_LAYER
 
-Saliency = Callable[[LayerStats, dict[str, Any]], torch.Tensor]  # -> [E] float, higher = more important
-
-
-def combine_modalities(per_modality: torch.Tensor, stats: LayerStats, weighting: str) -> torch.Tensor:
-    """[3, E] -> [E]. `modality`: each modality that was seen counts equally (a share of its own routed
-    slots), so a few audio tokens are not drowned by many text tokens; `token`: raw sums."""
-    x = per_modality.double()
-    if weighting == "token":
-        return x.sum(0)
-    seen = stats.tokens > 0
-    if not bool(seen.any()):
-        raise OmniedgeError("calibration saw no tokens", "give calibration.samples > 0")
-    slots = (stats.tokens.double() * stats.top_k).clamp(min=1)
-    return (x / slots[:, None])[seen].mean(0)
+BUDGETS = ("uniform", "global")
 
 
-def frequency_saliency(stats: LayerStats, settings: dict[str, Any]) -> torch.Tensor:
-    """How often each expert was among the router's top-k."""
-    return combine_modalities(stats.counts, stats, settings.get("weighting", "modality"))
+@dataclass(frozen=True)
+class PruneSettings:
+    method: str = "frequency"  # a saliency: frequency, router_mass, reap, random (or a registered one)
+    keep_ratio: float = 0.5  # of all experts (uniform: of each layer's)
+    weighting: str | dict[str, float] = "modality"  # how modalities vote (saliency.scores)
+    budget: str = "uniform"  # uniform | global
+    min_keep: int | None = None  # global: each layer keeps at least this many (default top-k)
+    multiple_of: int = 1  # keep counts a multiple of this (8 suits GPU kernels)
+    renormalise: bool = True  # norm_topk_prob of the pruned router (Qwen3-Omni is trained with it on)
+    seed: int = 0  # of the `random` control
 
-
-def router_weight_saliency(stats: LayerStats, settings: dict[str, Any]) -> torch.Tensor:
-    """Summed (renormalised) router weight each expert received when chosen."""
-    return combine_modalities(stats.weight, stats, settings.get("weighting", "modality"))
-
-
-SALIENCY: dict[str, Saliency] = {"frequency": frequency_saliency, "router_weight": router_weight_saliency}
-
-
-def register_saliency(name: str, fn: Saliency) -> None:
-    """Make a saliency selectable as `prune: {method: <name>}` in a recipe."""
-    SALIENCY[name] = fn
-
-
-def keep_count(num_experts: int, top_k: int, keep_ratio: float) -> int:
-    """round(E * keep_ratio) (halves round up), refused when fewer than top-k experts would remain."""
-    keep = min(num_experts, math.floor(num_experts * keep_ratio + 0.5))
-    if keep < top_k:
-        raise OmniedgeError(
-            f"keep_ratio {keep_ratio} keeps {keep} of {num_experts} experts, fewer than the {top_k} "
-            "the router picks per token",
-            f"use keep_ratio >= {top_k / num_experts:.4g}",
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str = "prune") -> PruneSettings:
+        d = {**asdict(cls()), **check_keys(dict(raw or {}), asdict(cls()), where)}
+        method = as_choice(d["method"], f"{where}.method", saliency.methods())
+        try:
+            weighting = saliency.check_weighting(d["weighting"])
+        except OmniedgeError as e:
+            raise recipe_error(f"{where}.weighting", e.problem, e.fix or "") from None
+        min_keep = d["min_keep"]
+        return cls(
+            method=method,
+            keep_ratio=as_float(d["keep_ratio"], f"{where}.keep_ratio", 0.0, 1.0),
+            weighting=weighting,
+            budget=as_choice(d["budget"], f"{where}.budget", BUDGETS),
+            min_keep=None if min_keep is None else as_int(min_keep, f"{where}.min_keep"),
+            multiple_of=as_int(d["multiple_of"], f"{where}.multiple_of"),
+            renormalise=as_bool(d["renormalise"], f"{where}.renormalise"),
+            seed=as_int(d["seed"], f"{where}.seed", lo=0),
         )
-    return keep
 
-
-def select_experts(scores: torch.Tensor, keep: int) -> list[int]:
-    """The `keep` highest-scoring expert indices of one layer, ascending (ties: lower index wins)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:keep]
-    return sorted(int(i) for i in order)
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def prune_block(block: Any, kept: Sequence[int]) -> None:
@@ -85,27 +83,90 @@ def prune_block(block: Any, kept: Sequence[int]) -> None:
             module.num_experts = len(kept)
 
 
-class PruneStage:
-    """`prune` recipe stage: per layer, score from the layer's statistics and keep the top experts."""
+def _distribution(s: torch.Tensor, kept: list[int]) -> dict[str, Any]:
+    """A layer's saliency at a glance: quantiles, and the share of its total that the kept experts hold."""
+    q = torch.quantile(s.double(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    total = float(s.sum())
+    return {
+        "quantiles": [round(float(v), 6) for v in q],
+        "kept_share": round(float(s[kept].sum()) / total, 6) if total > 0 else None,
+    }
 
+
+class PruneStage(Stage):
     name = "prune"
+    settings_type = PruneSettings
+    settings: PruneSettings
 
-    def __init__(self, settings: dict[str, Any], num_experts: int, top_k: int) -> None:
-        self.settings = settings
-        self.num_experts = num_experts
-        self.keep = keep_count(num_experts, top_k, settings["keep_ratio"])  # fails before any long work
-        self.saliency = SALIENCY[settings["method"]]
+    def __init__(self, settings: PruneSettings, model: ModelFacts) -> None:
+        super().__init__(settings, model)
+        s = settings
+        # Impossible budgets fail here, before any long work.
+        self.keep = budget.uniform_budget(model.num_experts, model.top_k, s.keep_ratio, s.multiple_of)
+        if s.budget == "global":
+            if len(model.moe_layers) < 2:
+                raise OmniedgeError(
+                    "a global expert budget needs at least two MoE layers to move experts between",
+                    "use prune.budget: uniform",
+                )
+            flat = [torch.ones(model.num_experts) for _ in model.moe_layers]
+            budget.global_budget(flat, model.top_k, s.keep_ratio, s.min_keep, s.multiple_of)
+        self.needs_all_stats = s.budget == "global"
+        self.counts: dict[int, int] = {li: self.keep for li in model.moe_layers}
         self.kept: dict[int, list[int]] = {}
+        self.saliency: dict[int, dict[str, torch.Tensor]] = {}  # per layer: overall and per-modality scores
         self.routed = torch.zeros(3, dtype=torch.float64)
         self.routed_kept = torch.zeros(3, dtype=torch.float64)
 
-    def apply_layer(self, block: Any, stats: LayerStats) -> list[int]:
-        kept = select_experts(self.saliency(stats, self.settings), self.keep)
-        prune_block(block, kept)
-        self.kept[stats.layer] = kept
-        self.routed += stats.counts.sum(1).double()
-        self.routed_kept += stats.counts[:, kept].sum(1).double()
-        return kept
+    def scores(self, stats: LayerStats) -> torch.Tensor:
+        s = self.settings
+        return saliency.scores(stats, s.method, s.weighting, s.seed)
+
+    def plan(self, stats: list[LayerStats]) -> None:
+        s = self.settings
+        if s.budget != "global":
+            return
+        counts = budget.global_budget(
+            [self.scores(st) for st in stats], self.model.top_k, s.keep_ratio, s.min_keep, s.multiple_of
+        )
+        self.counts = {st.layer: c for st, c in zip(stats, counts, strict=True)}
+
+    def apply(self, work: LayerWork) -> None:
+        if not work.is_moe or work.stats is None:
+            return
+        scores = self.scores(work.stats)
+        self.saliency[work.index] = {
+            "overall": scores,
+            **saliency.modality_scores(work.stats, self.settings.method),
+        }
+        kept = budget.select(scores, self.counts[work.index])
+        prune_block(work.layer.mlp, kept)
+        work.kept = kept
+        work.normalise = self.settings.renormalise
+        self.kept[work.index] = kept
+        counts = work.stats.counts
+        self.routed += counts.sum(1).double()
+        self.routed_kept += counts[:, kept].sum(1).double()
+        share = budget.routed_share_kept(counts, kept)
+        work.report["prune"] = {
+            "experts": len(kept),
+            "kept": kept,
+            "saliency": _distribution(scores, kept),
+            "routed_share_kept": {
+                m: round(float(share[i]), 6) for i, m in enumerate(MODALITIES) if counts[i].sum() > 0
+            },
+        }
+
+    def per_layer_counts(self) -> dict[int, int]:
+        return dict(self.counts)
+
+    def config_updates(self, text_config: dict[str, Any]) -> None:
+        counts = [self.counts[li] for li in sorted(self.counts)]
+        text_config["num_experts"] = max(counts) if counts else text_config.get("num_experts")
+        text_config["norm_topk_prob"] = budget.router_config(self.settings.renormalise)["norm_topk_prob"]
+        if len(set(counts)) > 1:
+            layers = int(text_config.get("num_hidden_layers", max(self.counts) + 1))
+            text_config[EXPERTS_PER_LAYER] = [self.counts.get(i, 0) for i in range(layers)]
 
     def result(self) -> dict[str, Any]:
         # Share of the calibration top-k slots that went to kept experts: 1.0 means routing never needed a
@@ -115,9 +176,11 @@ class PruneStage:
             for i, m in enumerate(MODALITIES)
             if self.routed[i] > 0
         }
+        counts = sorted(set(self.counts.values()))
         return {
-            "experts_before": self.num_experts,
-            "experts_after": self.keep,
+            "experts_before": self.model.num_experts,
+            "experts_after": counts[0] if len(counts) == 1 else sum(self.counts.values()) / len(self.counts),
+            "experts_per_layer": {str(k): v for k, v in sorted(self.counts.items())},
             "kept": {str(k): v for k, v in sorted(self.kept.items())},
             "routed_share_kept": share,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,6 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "calibration": {"samples": 32, "max_tokens": 256, "seed": 0},
 }
 
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prune": {"method": "frequency", "keep_ratio": 0.5, "weighting": "modality"},
-    "quantize": {
-        "method": "rtn",
-        "bits": 4,
-        "group_size": 128,
-        "symmetric": True,
-        "targets": ["attention", "experts"],
-    },
-}
 CALIBRATION_DEFAULTS: dict[str, Any] = {
     "source": "builtin",
     "path": None,  # the calibration pack directory (source: pack); relative to the recipe file
@@ -53,149 +44,140 @@ MEASURE_DEFAULTS: dict[str, Any] = {"texts": 8, "images": 4, "audios": 4, "max_t
 OUTPUT_DEFAULTS: dict[str, Any] = {"text_only": True, "shard_mb": 2048}
 TOP_DEFAULTS: dict[str, Any] = {"dtype": "float32", "device": "auto"}
 
-PRUNE_WEIGHTINGS = ("modality", "token")
-QUANT_TARGETS = ("attention", "experts")
-DTYPES = ("float32", "bfloat16", "float16")
-MODALITIES = ("text", "image", "audio")
 
-
-def _fail(where: str, problem: str, fix: str) -> OmniedgeError:
+def recipe_error(where: str, problem: str, fix: str) -> OmniedgeError:
     return OmniedgeError(f"recipe {where}: {problem}", fix)
 
 
-def _check_keys(d: Any, allowed: dict[str, Any] | tuple[str, ...], where: str) -> dict[str, Any]:
+def check_keys(d: Any, allowed: Mapping[str, Any] | tuple[str, ...], where: str) -> dict[str, Any]:
     if not isinstance(d, dict):
-        raise _fail(where, f"expected a mapping, got {type(d).__name__} {d!r}", "write `key: value` pairs")
+        raise recipe_error(
+            where, f"expected a mapping, got {type(d).__name__} {d!r}", "write `key: value` pairs"
+        )
     unknown = sorted(set(d) - set(allowed))
     if unknown:
-        raise _fail(where, f"unknown field(s) {unknown}", f"use only {sorted(allowed)}")
+        raise recipe_error(where, f"unknown field(s) {unknown}", f"use only {sorted(allowed)}")
     return d
 
 
-def _int(v: Any, where: str, lo: int = 1) -> int:
+def as_int(v: Any, where: str, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise _fail(where, f"{v!r} is not an integer >= {lo}", f"give an integer >= {lo}")
+        raise recipe_error(where, f"{v!r} is not an integer >= {lo}", f"give an integer >= {lo}")
     return v
 
 
-def _float(v: Any, where: str, lo: float, hi: float, lo_open: bool = True) -> float:
+def as_float(v: Any, where: str, lo: float, hi: float, lo_open: bool = True) -> float:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if ok:
         ok = (v > lo if lo_open else v >= lo) and v <= hi
     if not ok:
         bracket = "(" if lo_open else "["
-        raise _fail(where, f"{v!r} is outside {bracket}{lo}, {hi}]", f"give a number in {bracket}{lo}, {hi}]")
+        raise recipe_error(
+            where, f"{v!r} is outside {bracket}{lo}, {hi}]", f"give a number in {bracket}{lo}, {hi}]"
+        )
     return float(v)
 
 
-def _choice(v: Any, where: str, choices: tuple[Any, ...]) -> Any:
-    if v not in choices:
-        raise _fail(where, f"{v!r} is not supported", f"use one of {list(choices)}")
+def as_bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise recipe_error(where, f"{v!r} is not true or false", "write true or false")
     return v
 
 
-def _prune(s: dict[str, Any], where: str) -> dict[str, Any]:
-    from omniedge.compress.prune import SALIENCY
-
-    out = {**STAGE_DEFAULTS["prune"], **_check_keys(s, STAGE_DEFAULTS["prune"], where)}
-    out["method"] = _choice(out["method"], f"{where}.method", tuple(SALIENCY))
-    out["keep_ratio"] = _float(out["keep_ratio"], f"{where}.keep_ratio", 0.0, 1.0)
-    out["weighting"] = _choice(out["weighting"], f"{where}.weighting", PRUNE_WEIGHTINGS)
-    return out
+def as_choice(v: Any, where: str, choices: Any) -> Any:
+    if v not in choices:
+        raise recipe_error(where, f"{v!r} is not supported", f"use one of {sorted(choices)}")
+    return v
 
 
-def _quantize(s: dict[str, Any], where: str) -> dict[str, Any]:
-    out = {**STAGE_DEFAULTS["quantize"], **_check_keys(s, STAGE_DEFAULTS["quantize"], where)}
-    from omniedge.compress.quantize import QUANTIZERS
+DTYPES = ("float32", "bfloat16", "float16")
+MODALITIES = ("text", "image", "audio")
 
-    out["method"] = _choice(out["method"], f"{where}.method", tuple(QUANTIZERS))
-    if type(out["bits"]) is not int or out["bits"] != 4:
-        raise _fail(f"{where}.bits", f"{out['bits']!r} bits is not supported", "use bits: 4")
-    g = out["group_size"]
-    if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 2:
-        raise _fail(f"{where}.group_size", f"{g!r} is not a positive even number", "use group_size: 128")
-    if out["symmetric"] is not True:
-        raise _fail(f"{where}.symmetric", "only symmetric INT4 (zero point 8) is supported", "drop the field")
-    targets = out["targets"]
-    if not isinstance(targets, list) or not targets:
-        raise _fail(f"{where}.targets", f"{targets!r} is not a non-empty list", f"e.g. {list(QUANT_TARGETS)}")
-    for t in targets:
-        _choice(t, f"{where}.targets", QUANT_TARGETS)
-    out["targets"] = list(dict.fromkeys(targets))
-    return out
+
+def stage_types() -> dict[str, Any]:
+    """{recipe stage name: Stage class}; each class's `settings_type.parse` validates its settings."""
+    from omniedge.compress.prune import PruneStage
+    from omniedge.compress.quantize import QuantizeStage
+
+    return {"prune": PruneStage, "quantize": QuantizeStage}
 
 
 def _calibration(c: Any) -> dict[str, Any]:
     where = "calibration"
-    out = {**CALIBRATION_DEFAULTS, **_check_keys(c or {}, CALIBRATION_DEFAULTS, where)}
+    out = {**CALIBRATION_DEFAULTS, **check_keys(c or {}, CALIBRATION_DEFAULTS, where)}
     if not isinstance(out["source"], str) or not out["source"]:
-        raise _fail(f"{where}.source", f"{out['source']!r} is not a source name", "use `builtin`")
+        raise recipe_error(f"{where}.source", f"{out['source']!r} is not a source name", "use `builtin`")
     if out["path"] is not None and (not isinstance(out["path"], str) or not out["path"]):
-        raise _fail(f"{where}.path", f"{out['path']!r} is not a path", "give the calibration pack directory")
+        raise recipe_error(
+            f"{where}.path", f"{out['path']!r} is not a path", "give the calibration pack directory"
+        )
     if out["source"] == "pack" and out["path"] is None:
-        raise _fail(f"{where}.path", "source `pack` needs the pack's directory", "add path: <dir>")
-    out["samples"] = _int(out["samples"], f"{where}.samples")
-    out["max_tokens"] = _int(out["max_tokens"], f"{where}.max_tokens", lo=8)
-    out["seed"] = _int(out["seed"], f"{where}.seed", lo=0)
-    mix = _check_keys(out["mix"], MODALITIES, f"{where}.mix")
-    mix = {m: _float(mix.get(m, 0.0), f"{where}.mix.{m}", 0.0, 1.0, lo_open=False) for m in MODALITIES}
+        raise recipe_error(f"{where}.path", "source `pack` needs the pack's directory", "add path: <dir>")
+    out["samples"] = as_int(out["samples"], f"{where}.samples")
+    out["max_tokens"] = as_int(out["max_tokens"], f"{where}.max_tokens", lo=8)
+    out["seed"] = as_int(out["seed"], f"{where}.seed", lo=0)
+    mix = check_keys(out["mix"], MODALITIES, f"{where}.mix")
+    mix = {m: as_float(mix.get(m, 0.0), f"{where}.mix.{m}", 0.0, 1.0, lo_open=False) for m in MODALITIES}
     if sum(mix.values()) <= 0:
-        raise _fail(f"{where}.mix", "all shares are zero", "give text, image or audio a share > 0")
+        raise recipe_error(f"{where}.mix", "all shares are zero", "give text, image or audio a share > 0")
     out["mix"] = mix
-    size = _int(out["image_size"], f"{where}.image_size", lo=32)
+    size = as_int(out["image_size"], f"{where}.image_size", lo=32)
     if size % 32:
-        raise _fail(f"{where}.image_size", f"{size} is not a multiple of 32 (patch 16 x merge 2)", "use 128")
+        raise recipe_error(
+            f"{where}.image_size", f"{size} is not a multiple of 32 (patch 16 x merge 2)", "use 128"
+        )
     out["image_size"] = size
-    out["audio_seconds"] = _float(out["audio_seconds"], f"{where}.audio_seconds", 0.0, 30.0)
+    out["audio_seconds"] = as_float(out["audio_seconds"], f"{where}.audio_seconds", 0.0, 30.0)
     return out
 
 
 def _measure(m: Any) -> dict[str, Any]:
-    out = {**MEASURE_DEFAULTS, **_check_keys(m or {}, MEASURE_DEFAULTS, "measure")}
+    out = {**MEASURE_DEFAULTS, **check_keys(m or {}, MEASURE_DEFAULTS, "measure")}
     for k in ("texts", "images", "audios"):
-        out[k] = _int(out[k], f"measure.{k}", lo=0)
+        out[k] = as_int(out[k], f"measure.{k}", lo=0)
     if out["texts"] + out["images"] + out["audios"] == 0:
-        raise _fail("measure", "no held-out requests", "give measure.texts (images, audios) > 0")
-    out["max_tokens"] = _int(out["max_tokens"], "measure.max_tokens", lo=2)
+        raise recipe_error("measure", "no held-out requests", "give measure.texts (images, audios) > 0")
+    out["max_tokens"] = as_int(out["max_tokens"], "measure.max_tokens", lo=2)
     return out
 
 
 def _output(o: Any) -> dict[str, Any]:
-    out = {**OUTPUT_DEFAULTS, **_check_keys(o or {}, OUTPUT_DEFAULTS, "output")}
+    out = {**OUTPUT_DEFAULTS, **check_keys(o or {}, OUTPUT_DEFAULTS, "output")}
     if out["text_only"] is not True:
-        raise _fail(
+        raise recipe_error(
             "output.text_only",
             "carrying the talker and code2wav (speech output) through compression is not supported yet",
             "set output.text_only: true (they are dropped and the checkpoint says so)",
         )
-    out["shard_mb"] = _int(out["shard_mb"], "output.shard_mb")
+    out["shard_mb"] = as_int(out["shard_mb"], "output.shard_mb")
     return out
-
-
-STAGES = {"prune": _prune, "quantize": _quantize}
 
 
 def validate_recipe(raw: Any) -> dict[str, Any]:
     """The recipe with every field checked and every default filled in; OmniedgeError on the first mistake."""
-    top = _check_keys(raw, ("stages", "calibration", "measure", "output", *TOP_DEFAULTS), "top level")
+    top = check_keys(raw, ("stages", "calibration", "measure", "output", *TOP_DEFAULTS), "top level")
     stages_in = top.get("stages", [])
     if not isinstance(stages_in, list):
-        raise _fail("stages", f"expected a list, got {stages_in!r}", "write `stages: [- prune: {...}, ...]`")
+        raise recipe_error(
+            "stages", f"expected a list, got {stages_in!r}", "write `stages: [- prune: {...}, ...]`"
+        )
     stages: list[dict[str, Any]] = []
     for i, st in enumerate(stages_in):
         if not isinstance(st, dict) or len(st) != 1:
-            raise _fail(
+            raise recipe_error(
                 f"stages[{i}]", f"{st!r} is not a one-key mapping", "write `- prune: {keep_ratio: 0.5}`"
             )
         ((name, settings),) = st.items()
-        if name not in STAGES:
-            raise _fail(f"stages[{i}]", f"unknown stage {name!r}", f"known stages: {list(STAGES)}")
+        types = stage_types()
+        if name not in types:
+            raise recipe_error(f"stages[{i}]", f"unknown stage {name!r}", f"known stages: {list(types)}")
         if any(name in s for s in stages):
-            raise _fail(f"stages[{i}]", f"stage {name!r} appears twice", "keep one")
-        stages.append({name: STAGES[name](settings or {}, f"stages[{i}].{name}")})
+            raise recipe_error(f"stages[{i}]", f"stage {name!r} appears twice", "keep one")
+        parsed = types[name].settings_type.parse(settings or {}, f"stages[{i}].{name}")
+        stages.append({name: parsed.as_dict()})
     names = [next(iter(s)) for s in stages]
     if "quantize" in names and names[-1] != "quantize":
-        raise _fail(
+        raise recipe_error(
             "stages",
             f"quantize must be the last stage (got order {names})",
             "prune before quantizing: int4.safetensors must describe the final weights",
@@ -206,10 +188,10 @@ def validate_recipe(raw: Any) -> dict[str, Any]:
         "measure": _measure(top.get("measure")),
         "output": _output(top.get("output")),
     }
-    out["dtype"] = _choice(top.get("dtype", TOP_DEFAULTS["dtype"]), "dtype", DTYPES)
+    out["dtype"] = as_choice(top.get("dtype", TOP_DEFAULTS["dtype"]), "dtype", DTYPES)
     out["device"] = top.get("device", TOP_DEFAULTS["device"])
     if not isinstance(out["device"], str) or not out["device"]:
-        raise _fail("device", f"{out['device']!r} is not a device name", "use auto, cpu or cuda")
+        raise recipe_error("device", f"{out['device']!r} is not a device name", "use auto, cpu or cuda")
     return out
 
 

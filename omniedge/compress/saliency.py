@@ -1,142 +1,30 @@
-"""Expert saliency: per-layer routing statistics in, one score per expert out (higher = keep).
+"""Expert saliency: one MoE layer's calibration statistics (moe.LayerStats) in, one score per expert out
+(higher = keep).
 
-`ExpertStats` is what the layer-by-layer calibration pass fills for one MoE layer, per modality
-(text, image, audio): how many tokens of each modality reached the layer, how often each expert was in a
-token's top-k, the routing weight it received, and REAP's router-weighted output norm. Every saliency is
-a function of those sums, so new ones plug in with `register_saliency` without touching the pipeline.
+Every saliency is a function of the routing sums (`moe.Sums`: tokens, routed counts, router mass,
+REAP's router-weighted output norms), so new ones plug in with `register_saliency` without touching
+the pipeline. Scores are per modality first; `scores` combines them (see its weighting).
 
-Routing weight g_j(x) means the weight the model multiplies expert j's output by: for Qwen3-Omni
-(`norm_topk_prob: true`) the top-k softmax probabilities renormalised to sum to 1. REAP's reference code
-calls this `renormalize_router_weights=True`; with it, g_j(x) * ||expert_j(x)|| is exactly the norm of
-expert j's contribution to the layer output.
+| name          | score of expert j                                                                   |
+|---------------|-------------------------------------------------------------------------------------|
+| `frequency`   | counts / (tokens x top_k): its share of the routed slots                            |
+| `router_mass` | router_mass / tokens: mean routing weight g_j(x) per token                           |
+| `reap`        | reap_sum / counts: mean over the tokens routed to j of g_j(x) ||expert_j(x)||_2       |
+| `contribution`| reap_sum / tokens: mean over all tokens of g_j(x) ||expert_j(x)||_2 (0 where j is not |
+|               | routed) = reap x frequency x top_k: the expected norm of what j adds to the output    |
+| `random`      | seeded uniform scores (seed and layer index), the control                           |
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
 
 import torch
 
-from omniedge.compress.calibration import MODALITIES  # row order of every [M, E] tensor
+from omniedge.compress.moe import MODALITIES, LayerStats, Sums
 from omniedge.errors import OmniedgeError
 
-
-class Sums(NamedTuple):
-    """Routing sums with any leading shape: [M] / [M, E] per modality, or [] / [E] pooled."""
-
-    tokens: torch.Tensor  # token positions that reached the layer
-    counts: torch.Tensor  # times expert j was among a token's top-k
-    router_mass: torch.Tensor  # sum of g_j(x) over those tokens
-    reap_sum: torch.Tensor  # sum of g_j(x) * ||expert_j(x)||_2 over those tokens
-    top_k: int
-
-
-@dataclass
-class ExpertStats:
-    """Routing statistics of one MoE layer, per modality. M = len(modalities), E = experts."""
-
-    layer: int  # the decoder layer index (also seeds the random control)
-    top_k: int
-    tokens: torch.Tensor  # [M] int64
-    counts: torch.Tensor  # [M, E] int64
-    router_mass: torch.Tensor  # [M, E] float64
-    reap_sum: torch.Tensor  # [M, E] float64
-    norm_sum: torch.Tensor  # [M, E] float64: sum of ||expert_j(x)||_2 (for reports: mean output norm)
-    modalities: tuple[str, ...] = MODALITIES
-
-    @classmethod
-    def empty(
-        cls,
-        layer: int,
-        num_experts: int,
-        top_k: int,
-        modalities: tuple[str, ...] = MODALITIES,
-        device: torch.device | str | None = None,
-    ) -> ExpertStats:
-        m = len(modalities)
-
-        def zeros(dtype: torch.dtype, *shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        i64, f64 = torch.int64, torch.float64
-        return cls(
-            layer,
-            top_k,
-            zeros(i64, m),
-            zeros(i64, m, num_experts),
-            zeros(f64, m, num_experts),
-            zeros(f64, m, num_experts),
-            zeros(f64, m, num_experts),
-            tuple(modalities),
-        )
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.counts.shape[-1])
-
-    def update(
-        self,
-        modality: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        out_norms: torch.Tensor,
-    ) -> None:
-        """Add one batch of T token positions: modality [T] (index into `modalities`), the router's
-        top-k experts [T, k] and weights [T, k], and ||expert_j(x)||_2 of each chosen expert [T, k]."""
-        m, e = self.counts.shape
-        dev = self.counts.device
-        mod = modality.to(dev, torch.int64)
-        idx = top_k_index.to(dev, torch.int64)
-        if idx.shape != top_k_weights.shape or idx.shape != out_norms.shape or idx.shape[0] != mod.shape[0]:
-            raise ValueError(
-                f"shapes disagree: modality {tuple(mod.shape)}, top-k index {tuple(idx.shape)}, "
-                f"weights {tuple(top_k_weights.shape)}, norms {tuple(out_norms.shape)}"
-            )
-        flat = (mod[:, None] * e + idx).reshape(-1)
-        w = top_k_weights.to(dev, torch.float64).reshape(-1)
-        n = out_norms.to(dev, torch.float64).reshape(-1)
-        self.tokens += torch.bincount(mod, minlength=m)
-        self.counts += torch.bincount(flat, minlength=m * e).view(m, e)
-        self.router_mass.view(-1).index_add_(0, flat, w)
-        self.reap_sum.view(-1).index_add_(0, flat, w * n)
-        self.norm_sum.view(-1).index_add_(0, flat, n)
-
-    def merged(self, other: ExpertStats) -> ExpertStats:
-        """The sums of two passes over different calibration data (same layer and experts)."""
-        if (self.layer, self.top_k, self.modalities) != (other.layer, other.top_k, other.modalities):
-            raise ValueError("can only merge statistics of the same layer, top-k and modalities")
-        out = ExpertStats.empty(self.layer, self.num_experts, self.top_k, self.modalities, self.counts.device)
-        for f in ("tokens", "counts", "router_mass", "reap_sum", "norm_sum"):
-            getattr(out, f).copy_(getattr(self, f) + getattr(other, f).to(self.counts.device))
-        return out
-
-    def per_modality(self) -> Sums:
-        return Sums(self.tokens, self.counts, self.router_mass, self.reap_sum, self.top_k)
-
-    def pooled(self) -> Sums:
-        return Sums(
-            self.tokens.sum(0), self.counts.sum(0), self.router_mass.sum(0), self.reap_sum.sum(0), self.top_k
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers (CPU), for storing beside the checkpoint."""
-        d: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = v.cpu() if isinstance(v, torch.Tensor) else (list(v) if f.name == "modalities" else v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ExpertStats:
-        return cls(**{**d, "modalities": tuple(d.get("modalities", MODALITIES))})
-
-
-# ---------------------------------------------------------------- saliencies
-# A score function maps Sums (any leading shape) to scores [..., E]; higher = keep.
-
-ScoreFn = Callable[[Sums], torch.Tensor]
+ScoreFn = Callable[[Sums], torch.Tensor]  # Sums with any leading shape -> scores [..., E]
 
 
 def frequency(s: Sums) -> torch.Tensor:
@@ -154,77 +42,96 @@ def reap(s: Sums) -> torch.Tensor:
     return s.reap_sum / s.counts.double().clamp_min(1)
 
 
-SALIENCIES: dict[str, ScoreFn] = {"frequency": frequency, "router_mass": router_mass, "reap": reap}
+def contribution(s: Sums) -> torch.Tensor:
+    """Mean over every token of g_j(x) * ||expert_j(x)||_2, counting 0 where j was not routed: REAP's
+    numerator per token, so an expert's score grows with how often it is used as well as how much."""
+    return s.reap_sum / s.tokens.double().clamp_min(1).unsqueeze(-1)
+
+
+SALIENCIES: dict[str, ScoreFn] = {
+    "frequency": frequency,
+    "router_mass": router_mass,
+    "reap": reap,
+    "contribution": contribution,
+}
 RANDOM = "random"  # the seeded control: uniform scores, independent of the statistics
+WEIGHTINGS = ("modality", "token")
 
 
 def register_saliency(name: str, fn: ScoreFn) -> None:
-    """Make a saliency selectable by name (a recipe's `prune.method`)."""
+    """Make a saliency selectable as a prune stage's `method`."""
     SALIENCIES[name] = fn
 
 
-def _random(stats: ExpertStats, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + stats.layer)
-    return torch.rand(stats.num_experts, generator=g, dtype=torch.float64)
+def methods() -> list[str]:
+    return sorted([*SALIENCIES, RANDOM])
 
 
 def _fn(method: str) -> ScoreFn:
     if method not in SALIENCIES:
-        raise OmniedgeError(
-            f"unknown saliency {method!r}", f"use one of {sorted([*SALIENCIES, RANDOM])} as prune.method"
-        )
+        raise OmniedgeError(f"unknown saliency {method!r}", f"use one of {methods()} as prune.method")
     return SALIENCIES[method]
 
 
-def modality_scores(stats: ExpertStats, method: str) -> dict[str, torch.Tensor]:
+def _random(stats: LayerStats, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + stats.layer)
+    return torch.rand(stats.num_experts, generator=g, dtype=torch.float64)
+
+
+def modality_scores(stats: LayerStats, method: str) -> dict[str, torch.Tensor]:
     """{modality: scores [E]} for the modalities calibration reached (for reports)."""
+    if method == RANDOM:
+        return {}
     per = _fn(method)(stats.per_modality())
-    return {m: per[i] for i, m in enumerate(stats.modalities) if int(stats.tokens[i]) > 0}
+    return {m: per[i] for i, m in enumerate(MODALITIES) if int(stats.tokens[i]) > 0}
+
+
+def check_weighting(weighting: object) -> str | dict[str, float]:
+    """A prune stage's `weighting`: `modality`, `token`, or {modality: weight >= 0} with some weight > 0."""
+    if isinstance(weighting, str) and weighting in WEIGHTINGS:
+        return weighting
+    if isinstance(weighting, Mapping):
+        unknown = sorted(set(weighting) - set(MODALITIES))
+        bad = [
+            m for m, w in weighting.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+        ]
+        if not unknown and not bad and any(w > 0 for w in weighting.values()):
+            return {str(m): float(w) for m, w in weighting.items()}
+    raise OmniedgeError(
+        f"saliency weighting {weighting!r} is not supported",
+        f"use one of {list(WEIGHTINGS)}, or a mapping {{modality: weight}} over {list(MODALITIES)}",
+    )
 
 
 def scores(
-    stats: ExpertStats, method: str, weighting: str | Mapping[str, float] = "modality", seed: int = 0
+    stats: LayerStats, method: str, weighting: str | Mapping[str, float] = "modality", seed: int = 0
 ) -> torch.Tensor:
     """Scores [E] (float64, CPU) of one layer; higher = keep.
 
-    weighting: `token` pools every token (REAP as published); `modality` gives each modality the
-    calibration reached an equal vote, each modality's scores first normalised to sum to 1 so one with
-    many tokens or larger activations does not drown the others; a mapping {modality: weight} votes with
-    those weights (every modality it names must have been seen)."""
+    weighting: `token` pools every token (REAP as published); `modality` gives each modality calibration
+    reached an equal vote, each modality's scores first normalised to sum to 1 so one with many tokens
+    or larger activations does not drown the others; a mapping {modality: weight} votes with those
+    weights (every modality it weights must have been seen)."""
     if method == RANDOM:
         return _random(stats, seed)
     fn = _fn(method)
-    if stats.tokens.sum() == 0:
+    if int(stats.tokens.sum()) == 0:
         raise OmniedgeError(
-            f"layer {stats.layer}: calibration reached it with no tokens", "give calibration samples > 0"
+            f"layer {stats.layer}: calibration reached it with no tokens", "give calibration.samples > 0"
         )
     if weighting == "token":
         return fn(stats.pooled()).cpu()
-    seen = {m: i for i, m in enumerate(stats.modalities) if int(stats.tokens[i]) > 0}
+    seen = {m: i for i, m in enumerate(MODALITIES) if int(stats.tokens[i]) > 0}
     if weighting == "modality":
         votes = dict.fromkeys(seen, 1.0)
-    elif isinstance(weighting, Mapping):
-        unknown = sorted(set(weighting) - set(stats.modalities))
-        missing = sorted(m for m, w in weighting.items() if w > 0 and m not in seen)
-        votes = {m: float(w) for m, w in weighting.items() if w > 0}
-        problem = (
-            f"names unknown modalities {unknown}"
-            if unknown
-            else f"asks for modalities calibration never saw: {missing}"
-            if missing
-            else "gives no modality a positive weight"
-            if not votes
-            else ""
-        )
-        if problem:
+    else:
+        votes = {m: float(w) for m, w in check_weighting(weighting).items() if w > 0}  # type: ignore[union-attr]
+        missing = sorted(m for m in votes if m not in seen)
+        if missing:
             raise OmniedgeError(
-                f"saliency weighting {dict(weighting)} {problem}",
+                f"saliency weighting {dict(votes)} asks for modalities calibration never saw: {missing}",
                 f"weight only {sorted(seen)}, or calibrate on the missing modality",
             )
-    else:
-        raise OmniedgeError(
-            f"unknown saliency weighting {weighting!r}", "use token, modality or {modality: weight}"
-        )
     per = fn(stats.per_modality()).cpu()
     total = sum(votes.values())
     out = torch.zeros(stats.num_experts, dtype=torch.float64)

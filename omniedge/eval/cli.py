@@ -159,14 +159,20 @@ def eval_cli(
     compare: tuple[str, str] | None = None,
     json_path: Path | None = None,
     device: str = "cpu",
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Entry point of `omniedge eval`: prints the table(s) and writes JSON when asked."""
+    """Entry point of `omniedge eval`: prints the table(s) and writes JSON when asked. `limit`: only the
+    first N test examples of each task (quicker, wider intervals; recorded in the JSON)."""
+    if limit is not None and limit < 1:
+        raise OmniedgeError(
+            f"--limit {limit} leaves nothing to evaluate", "give --limit >= 1, or leave it out"
+        )
     if json_path is not None:
         check_replaceable_file(json_path, EVAL_JSON)  # before minutes of evaluation
     if compare is not None:
         teacher_name, student_name = compare
-        teacher = evaluate(teacher_name, suite, device)
-        student = evaluate(student_name, suite, device)
+        teacher = evaluate(teacher_name, suite, device, limit)
+        student = evaluate(student_name, suite, device, limit)
         table, rows = retention_table(teacher, student)
         print(format_result(teacher), "\n", format_result(student), "\n", sep="\n")
         print(table)
@@ -174,7 +180,7 @@ def eval_cli(
     else:
         if not model:
             raise OmniedgeError("no model to evaluate", "pass a checkpoint directory or `omni-mini`")
-        out = evaluate(model, suite, device)
+        out = evaluate(model, suite, device, limit)
         print(format_result(out))
     if json_path is not None:
         atomic_write_json(json_path, out)
