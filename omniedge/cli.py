@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
-            help=help_,
+            help=help_.replace("%", "%%"),  # the subcommand list %-formats help strings, not descriptions
             description=help_,
             epilog=EPILOGS[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = cmd(
         "eval",
-        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95%% CIs).",
+        "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
     )
     v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
     v.add_argument("--suite", default="omni-mini", help="evaluation suite (default: omni-mini)")

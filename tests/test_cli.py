@@ -38,6 +38,13 @@ def test_top_level_help_lists_every_subcommand(flag: str, capsys: pytest.Capture
     assert "95% CIs" in out  # eval's help line, % rendered once
 
 
+def test_subcommand_description_renders_percent_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CIs" in out and "95%%" not in out
+
+
 def test_installed_command_prints_help() -> None:
     r = _cli("--help")
     assert r.returncode == 0 and "Traceback" not in r.stderr and "COMMAND" in r.stdout

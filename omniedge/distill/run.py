@@ -220,7 +220,7 @@ def distill(
     encoder_attention = "sdpa"
     if acc.device.type == "cuda":  # the encoders' per-chunk attention as one call (checked equal at start-up)
         from omniedge.training.batches import ChatTokens, collate
-        from omniedge.training.train import set_encoder_attention
+        from omniedge.training.kernels import set_encoder_attention
 
         probe = collate(ChatTokens.from_tokenizer(student.tokenizer), data.examples[:: max(1, len(data.examples) // 16)],
                         positions=True, device=acc.device)  # fmt: skip
@@ -287,7 +287,7 @@ def distill(
         if qat:
             trainable.remove_fake_int4(trained)
         if encoder_attention != "sdpa":
-            from omniedge.training.train import restore_encoder_attention
+            from omniedge.training.kernels import restore_encoder_attention
 
             restore_encoder_attention(trained)  # config.json must not name a kernel registered at run time
         record = {
