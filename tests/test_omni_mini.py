@@ -41,9 +41,10 @@ def test_committed_checkpoint_meets_the_size_and_moe_targets() -> None:
 # Floors on held-out data (the small data set's test split: documents, scene layouts and voices that the
 # training split never has), measured by running the model here, not read back from omniedge.json.
 # Measured here (2026-12-01, data builder v3) with `evaluate("omni-mini", suite="omni-mini-small", limit=32)`:
-# text perplexity 62.1 (unigram 864), image accuracy 1.0 (majority 0.09), speech WER 0.77 (empty 1.0).
+# text perplexity 50.2 (unigram 864), image accuracy 0.97 (majority 0.09), speech WER 0.018 on 12 utterances
+# of held-out voices (empty 1.0; the weights before the CTC run scored 0.77).
 HELD_OUT_LIMIT = 32
-FLOORS = {"text_ppl_vs_unigram": 0.2, "image_accuracy": 0.8, "speech_wer": 0.95}
+FLOORS = {"text_ppl_vs_unigram": 0.2, "image_accuracy": 0.8, "speech_wer": 0.3}
 
 
 def test_committed_model_scores_above_floors_on_held_out_data() -> None:

@@ -276,11 +276,6 @@ def test_training_stops_and_goes_on_across_calls(tmp_path: Path) -> None:
 
 
 @needs_espeak
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 9: the committed omni-mini (WER 92.6% on held-out voices) predates the CTC/synthetic-"
-    "speech training; it passes once the H200 run of docs/omni-mini.md is committed",
-)
 def test_shipped_model_transcribes_held_out_utterances() -> None:
     """Test-split sentences (never spoken in training: PROBE_SENTENCES) by the test split's voices."""
     from omniedge.checkpoint import load_checkpoint
