@@ -229,3 +229,23 @@ def test_retention_table_from_eval_results(tmp_path: Path) -> None:
         table(result(60.0, 0.9), [("all", result(80.0, 0.45, limit=None))])
     (tmp_path / "t.json").write_text(json.dumps(result(60.0, 0.9)))
     assert main([str(tmp_path / "t.json"), str(tmp_path / "missing.json")]) == 2
+
+
+def test_retention_sweep_names_are_recipes_the_validator_takes() -> None:
+    from omniedge.bench.retention_sweep import recipe_of
+    from omniedge.compress.recipe import validate_recipe
+
+    r = recipe_of("p25-reap-global-modality+q-gptq")
+    assert r["stages"][0]["prune"] == {
+        "method": "reap",
+        "keep_ratio": 0.75,
+        "budget": "global",
+        "weighting": "modality",
+    }
+    assert r["stages"][1]["quantize"]["method"] == "gptq" and r["calibration"]["source"] == "omni-mini-data"
+    assert recipe_of("q-rtn_clip")["stages"][0]["quantize"]["clip_search"] is True
+    for name in ("p50-random-uniform", "p50-router_mass-global+q-awq", "q-rtn"):
+        validate_recipe(recipe_of(name))
+    for bad in ("p50-foo-global", "p150-reap-uniform", "p50-reap-sideways", "q-nf4"):
+        with pytest.raises(OmniedgeError):
+            recipe_of(bad)
