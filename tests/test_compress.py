@@ -106,7 +106,8 @@ def test_30b_recipes_keep_64_and_77_of_128() -> None:
 @pytest.mark.parametrize(
     ("recipe", "needle"),
     [
-        ({"stages": [{"distill": {}}]}, "unknown stage 'distill'"),
+        ({"stages": [{"distill": {}}]}, "distill.data: missing"),
+        ({"stages": [{"smooth": {}}]}, "unknown stage 'smooth'"),
         ({"stages": [{"prune": {"keep_ratio": 0.0}}]}, "keep_ratio"),
         ({"stages": [{"prune": {"keep_ratio": 1.5}}]}, "keep_ratio"),
         ({"stages": [{"prune": {"keep_ratio": "half"}}]}, "keep_ratio"),

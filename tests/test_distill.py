@@ -457,3 +457,77 @@ def test_two_processes_match_one_at_the_same_global_batch(toy: Path, student: Pa
         load_file(tmp_path / "two" / "model.safetensors"),
     )
     assert max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) < 1e-5
+
+
+# ---------------------------------------------------------------- the `distill` stage of compress recipes
+
+
+def _kd_recipe(data: Path, **distill: object) -> dict[str, object]:
+    stage = {"data": str(data), "batch": json.loads(TOY_BATCH), "steps": 3, "lr": 1e-3, "warmup_steps": 0,
+             "eval_limit": 0, "save_every": 1, **distill}  # fmt: skip
+    return {
+        "stages": [{"prune": {"keep_ratio": 0.5}}, {"distill": stage}, {"quantize": {}}],
+        "calibration": {"samples": 8},
+    }
+
+
+def test_a_recipe_prunes_distils_and_quantizes(toy: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress.pipeline import compress
+    from omniedge.compress.recipe import validate_recipe
+    from omniedge.distill.recipe_stage import work_dir
+
+    recipe = _kd_recipe(toy)
+    out = compress("tiny", tmp_path / "kd", recipe, progress=False)
+    plain = {**recipe, "stages": [recipe["stages"][0], recipe["stages"][2]]}  # type: ignore[index]
+    ref = compress("tiny", tmp_path / "plain", plain, progress=False)
+    meta = json.loads((out / "omniedge.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["thinker_config"]["text_config"]["num_experts"] == 4  # tiny's 8 experts, half kept
+    assert cfg["omniedge_quantization"]["method"] == "rtn"
+    assert meta["recipe"] == validate_recipe(recipe)  # the whole recipe, defaults filled
+    assert [s["name"] for s in meta["stages"]] == ["prune", "distill", "quantize"]
+    assert meta["distill"]["run"]["steps"] == 3 and meta["distill"]["int4"]["mode"] == "none"
+    assert meta["distill"]["teacher"]["path"] == str(meta["source"]["path"])
+    model, _ = load_checkpoint(out)  # loads as `omniedge eval` / export load it
+    assert model.config.thinker_config.text_config.num_experts == 4
+    a, b = load_file(out / "int4.safetensors"), load_file(ref / "int4.safetensors")
+    assert a.keys() == b.keys()
+    assert sum(not torch.equal(a[k], b[k]) for k in a) > len(a) // 2  # training changed the weights
+    assert not work_dir(out).exists()  # the passes' work directory is removed on success
+
+
+def test_distill_stage_errors(toy: Path, tmp_path: Path) -> None:
+    from omniedge.compress.pipeline import compress
+    from omniedge.compress.recipe import validate_recipe
+
+    def err(recipe: dict[str, object]) -> str:
+        with pytest.raises(OmniedgeError) as e:
+            validate_recipe(recipe)
+        return str(e.value)
+
+    stages = _kd_recipe(toy)["stages"]
+    prune, kd, quant = stages  # type: ignore[misc]
+    assert "quantize must be the last stage" in err({"stages": [prune, quant, kd]})
+    assert "distill must come after prune" in err({"stages": [kd, prune, quant]})
+    assert "unknown field(s) ['colour']" in err(
+        {"stages": [prune, {"distill": {**kd["distill"], "colour": 1}}]}
+    )
+    assert "distill.data: missing" in err({"stages": [prune, {"distill": {"steps": 2}}, quant]})
+    assert "distill lr = -1 is not a positive number" in err(
+        {"stages": [{"distill": {"data": "x", "lr": -1}}]}
+    )
+    assert "no quantize stage follows" in err({"stages": [prune, {"distill": {"data": "x", "int4": "qat"}}]})
+    # data that does not exist: one error before any compression, nothing written
+    bad = {"stages": [prune, {"distill": {"data": str(tmp_path / "nowhere")}}, quant]}
+    with pytest.raises(OmniedgeError, match="neither a training pack"):
+        compress("tiny", tmp_path / "kd", bad, progress=False)
+    assert not any(tmp_path.iterdir())
+    # an unrelated directory is not replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(OmniedgeError, match="refusing to replace"):
+        compress("tiny", tmp_path / "mine", _kd_recipe(toy), progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -204,6 +204,10 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
     from omniedge.models.registry import open_source
 
     recipe = validate_recipe(recipe)
+    from omniedge.distill.recipe_stage import compress_with_distill, has_stage
+
+    if has_stage(recipe):  # distillation needs the whole student: three passes (docs/compress.md)
+        return compress_with_distill(model, Path(out), recipe, progress)
     device = _device(recipe["device"])
     dtype = getattr(torch, recipe["dtype"])
     meter = Meter(device)

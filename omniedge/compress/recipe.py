@@ -169,10 +169,17 @@ def validate_recipe(raw: Any) -> dict[str, Any]:
             )
         ((name, settings),) = st.items()
         types = stage_types()
-        if name not in types:
-            raise recipe_error(f"stages[{i}]", f"unknown stage {name!r}", f"known stages: {list(types)}")
+        if name not in types and name != "distill":
+            raise recipe_error(
+                f"stages[{i}]", f"unknown stage {name!r}", f"known stages: {[*types, 'distill']}"
+            )
         if any(name in s for s in stages):
             raise recipe_error(f"stages[{i}]", f"stage {name!r} appears twice", "keep one")
+        if name == "distill":  # a pass over the whole student, not a per-layer stage
+            from omniedge.distill.recipe_stage import parse_stage
+
+            stages.append({name: parse_stage(settings, f"stages[{i}].{name}")})
+            continue
         parsed = types[name].settings_type.parse(settings or {}, f"stages[{i}].{name}")
         stages.append({name: parsed.as_dict()})
     names = [next(iter(s)) for s in stages]
@@ -182,6 +189,10 @@ def validate_recipe(raw: Any) -> dict[str, Any]:
             f"quantize must be the last stage (got order {names})",
             "prune before quantizing: int4.safetensors must describe the final weights",
         )
+    if "distill" in names:
+        from omniedge.distill.recipe_stage import check_order
+
+        check_order(stages)
     out = {
         "stages": stages,
         "calibration": _calibration(top.get("calibration")),
@@ -233,6 +244,12 @@ def load_recipe(path: str | Path | None) -> dict[str, Any]:
     cal = raw.get("calibration") if isinstance(raw, dict) else None
     if isinstance(cal, dict) and isinstance(cal.get("path"), str) and cal["path"]:
         cal["path"] = str((Path(path).resolve().parent / cal["path"]).resolve())
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    for st in stages if isinstance(stages, list) else []:
+        if isinstance(st, dict) and isinstance(st.get("distill"), dict):
+            from omniedge.distill.recipe_stage import resolve_paths
+
+            resolve_paths(st["distill"], Path(path).resolve().parent)
     return validate_recipe(raw)
 
 
