@@ -531,3 +531,44 @@ def test_distill_stage_errors(toy: Path, tmp_path: Path) -> None:
     with pytest.raises(OmniedgeError, match="refusing to replace"):
         compress("tiny", tmp_path / "mine", _kd_recipe(toy), progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_killed_recipe_run_resumes_its_distillation(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from omniedge.compress.pipeline import compress
+    from omniedge.distill.recipe_stage import work_dir
+
+    recipe = _kd_recipe(toy, steps=8, save_every=2)
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    out = tmp_path / "kd"
+    cmd = [
+        sys.executable,
+        "-m",
+        "omniedge",
+        "compress",
+        "tiny",
+        "-o",
+        str(out),
+        "--recipe",
+        str(tmp_path / "r.json"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work_dir(out) / "run" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (work_dir(out) / "student" / "omniedge.json").is_file()
+    assert _cli("compress", "tiny", "-o", out, "--recipe", tmp_path / "r.json") == 0
+    assert "pass 1/3: the pruned student" in capsys.readouterr().out  # pass 1 was not run again
+    meta = json.loads((out / "omniedge.json").read_text())
+    assert meta["distill"]["run"]["resumed"] and meta["distill"]["run"]["steps"] == 8
+    straight = compress("tiny", tmp_path / "straight", recipe, progress=False)
+    a, b = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+    assert not work_dir(out).exists()
