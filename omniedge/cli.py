@@ -17,7 +17,9 @@ EPILOGS = {
     "  omniedge compress out/tiny-int4 --report          # per layer: experts kept, saliency, errors\n"
     "  omniedge compress ./Qwen3-Omni-30B-A3B-Instruct -o out/omni-int4 "
     "--recipe recipes/qwen3-omni-30b-prune50-int4.yaml\n"
-    "  omniedge compress full -o out/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml",
+    "  omniedge compress full -o out/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml\n"
+    "  omniedge compress omni-mini -o out/mini-kd-int4 --recipe recipes/omni-mini-prune50-distill-int4.yaml\n"
+    "      # prune -> distill -> INT4: three passes (docs/compress.md); a re-run resumes the distillation",
     "export": "example:\n  omniedge export out/tiny-int4 -o out/tiny-bundle\n"
     "  omniedge export out/omni-int4 -o out/omni-gpu --device cuda      # float16, for onnxruntime-gpu",
     "build": "example (on the Jetson, inside the L4T container):\n  omniedge build out/omni-bundle",
@@ -62,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--out", type=Path, help="output checkpoint directory")
     c.add_argument(
-        "--recipe", type=Path, help="YAML/JSON recipe (list of stages); default: prune 50%% + INT4"
+        "--recipe",
+        type=Path,
+        help="YAML/JSON recipe (list of stages: prune, distill, quantize); default: prune 50%% + INT4",
     )
     c.add_argument(
         "--report",

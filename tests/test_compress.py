@@ -103,6 +103,13 @@ def test_30b_recipes_keep_64_and_77_of_128() -> None:
         assert r["dtype"] == "bfloat16"
 
 
+def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> None:
+    r = load_recipe(DEFAULT_RECIPE_PATH.parent / "omni-mini-prune50-distill-int4.yaml")
+    assert [next(iter(s)) for s in r["stages"]] == ["prune", "distill", "quantize"]
+    assert r["stages"][1]["distill"]["data"] == "omni-mini"  # the data set's name, not a path of one machine
+    assert r["stages"][2]["quantize"]["method"] == "rtn"
+
+
 @pytest.mark.parametrize(
     ("recipe", "needle"),
     [
