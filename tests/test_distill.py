@@ -520,6 +520,13 @@ def test_distill_stage_errors(toy: Path, tmp_path: Path) -> None:
         {"stages": [{"distill": {"data": "x", "lr": -1}}]}
     )
     assert "no quantize stage follows" in err({"stages": [prune, {"distill": {"data": "x", "int4": "qat"}}]})
+    gptq = {"quantize": {"method": "gptq"}}
+    assert "the quantize stage is gptq" in err(
+        {"stages": [prune, {"distill": {"data": "x", "int4": "qat"}}, gptq]}
+    )
+    assert "'after' does not apply in a recipe" in err(
+        {"stages": [{"distill": {"data": "x", "int4": "after"}}]}
+    )
     # data that does not exist: one error before any compression, nothing written
     bad = {"stages": [prune, {"distill": {"data": str(tmp_path / "nowhere")}}, quant]}
     with pytest.raises(OmniedgeError, match="neither a training pack"):

@@ -1,7 +1,8 @@
 """Everything that decides a distillation run, validated once; recorded in omniedge.json and in the run key.
 
-`DistillSettings.from_mapping` reads the same fields from a dict (a future `distill` recipe stage), with
-one clear error per mistake, so the CLI and a recipe cannot drift apart.
+`DistillSettings.from_mapping` reads the same fields from a dict (the `distill` stage of compress recipes,
+omniedge/distill/recipe_stage.py), with one clear error per mistake, so the CLI and a recipe cannot drift
+apart.
 """
 
 from __future__ import annotations
