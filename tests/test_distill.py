@@ -579,3 +579,18 @@ def test_a_killed_recipe_run_resumes_its_distillation(
     a, b = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
     assert not work_dir(out).exists()
+
+
+def test_a_recipe_distils_through_the_quantize_stages_int4(toy: Path, tmp_path: Path) -> None:
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress.pipeline import compress
+
+    out = compress("tiny", tmp_path / "qat", _kd_recipe(toy, steps=2, int4="qat"), progress=False)
+    meta = json.loads((out / "omniedge.json").read_text())
+    assert meta["distill"]["int4"]["mode"] == "qat" and meta["distill"]["int4"]["fake_quantized_weights"] > 0
+    assert meta["distill"]["int4"]["recipe"]["stages"] == [meta["recipe"]["stages"][2]]  # the recipe's own
+    assert [s["name"] for s in meta["stages"]] == ["prune", "distill", "quantize"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["omniedge_quantization"]["method"] == "rtn"
+    assert cfg["thinker_config"]["text_config"]["num_experts"] == 4
+    load_checkpoint(out)
