@@ -207,7 +207,11 @@ def compress_with_distill(
         source=s_meta.get("source"),
         recipe=recipe,
         teacher=s_meta.get("teacher"),
-        stages=[*s_meta.get("stages", []), _stage_record(d_meta, stage), *meta.get("stages", [])],
+        stages=[
+            *s_meta.get("stages", []),
+            _stage_record(d_meta, stage),
+            *(r for r in meta.get("stages", []) if r["name"] in names[i + 1 :]),  # (a re-run: not twice)
+        ],
         distill=d_meta["distill"],
         passes={"student": s_meta.get("run"), "final": meta.get("run")},
     )
