@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--recipe",
         type=Path,
-        help="YAML/JSON recipe (list of stages: prune, distill, quantize); default: prune 50%% + INT4",
+        help="YAML/JSON recipe (list of stages: prune, distill, quantize); default: prune 25%% (REAP) + INT4",
     )
     c.add_argument(
         "--report",

@@ -154,4 +154,4 @@ def test_damaged_checkpoint_json(
 
 def test_checkpoint_info(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _cli(capsys, "info", str(checkpoint))
-    assert code == 0 and "4 experts top-" in out and "quantized" in out
+    assert code == 0 and "6 experts top-" in out and "quantized" in out

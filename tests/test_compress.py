@@ -90,7 +90,7 @@ def test_default_yaml_is_the_builtin_default() -> None:
     )
     r = load_recipe(None)
     assert [next(iter(s)) for s in r["stages"]] == ["prune", "quantize"]
-    assert r["stages"][0]["prune"]["keep_ratio"] == 0.5
+    assert r["stages"][0]["prune"]["keep_ratio"] == 0.75 and r["stages"][0]["prune"]["method"] == "reap"
     assert r["stages"][1]["quantize"]["group_size"] == 128
 
 
@@ -355,7 +355,7 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
     out = pipeline.compress_cli("tiny", tmp_path / "default", None, None, True)
     meta = json.loads((out / "omniedge.json").read_text())
     assert [s["name"] for s in meta["stages"]] == ["prune", "quantize"]
-    assert meta["stages"][0]["result"]["experts_after"] == 4
+    assert meta["stages"][0]["result"]["experts_after"] == 6
     cal = meta["calibration"]
     assert cal["requests_by_kind"] == {"text": 16, "image": 8, "audio": 8}
     assert all(cal["tokens"][m] > 0 for m in ("text", "image", "audio"))
@@ -366,7 +366,7 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
     by = meta["stages"][-1]["measured"]["by_modality"]
     assert sorted(by) == ["audio", "image", "text"] and all(0 <= by[m]["kl"] < 0.05 for m in by)
     kl = meta["stages"][-1]["measured"]["kl"]
-    print(f"tiny, default recipe (prune 8->4 + INT4 g128): KL {kl:.5f} nats/token, "
+    print(f"tiny, default recipe (prune 8->6 + INT4 g128): KL {kl:.5f} nats/token, "
           f"top-1 {meta['stages'][-1]['measured']['top1']:.3f}")  # fmt: skip
     assert 0 < kl < 0.05
     # Recompute KL independently on the first held-out text.
@@ -377,7 +377,7 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
     lt, ls = torch.log_softmax(_logits(teacher, kw)[0], -1), torch.log_softmax(_logits(student, kw)[0], -1)
     mine = float((lt.exp() * (lt - ls)).sum(-1).mean())
     assert 0 < mine < 0.05
-    assert student.config.thinker_config.text_config.num_experts == 4
+    assert student.config.thinker_config.text_config.num_experts == 6
 
 
 # ---------------------------------------------------------------- errors and crashes

@@ -147,7 +147,7 @@ def test_the_e2e_model_is_pruned_and_int4(checkpoint: Path) -> None:
     import json
 
     cfg = json.loads((checkpoint / "config.json").read_text())
-    assert cfg["thinker_config"]["text_config"]["num_experts"] == 4  # 8 -> 4
+    assert cfg["thinker_config"]["text_config"]["num_experts"] == 6  # 8 -> 6: the default recipe keeps 75%
     assert cfg["omniedge_quantization"]["bits"] == 4 and (checkpoint / "int4.safetensors").is_file()
 
 

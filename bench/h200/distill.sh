@@ -20,7 +20,7 @@ for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
     student)  # the pruned 50% student: the default recipe without its INT4 stage (the CPU machine's command)
-      [ -f $W/mini-p50/omniedge.json ] || om compress omni-mini -o $W/mini-p50 --no-quantize > $W/student.log 2>&1
+      [ -f $W/mini-p50/omniedge.json ] || om compress omni-mini -o $W/mini-p50 --recipe bench/h200/student-p50-frequency.yaml > $W/student.log 2>&1
       python3 -c "import json; m=json.load(open('$W/mini-p50/omniedge.json')); print('kept', m['stages'][0]['result']['kept'])"
       cp $W/mini-p50/omniedge.json $OUT/mini-p50.omniedge.json ;;
     step-time)  # a distillation step vs a training step of the teacher, same batches, on the GPU

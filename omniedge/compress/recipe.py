@@ -21,7 +21,7 @@ DEFAULT_RECIPE_PATH = Path(__file__).resolve().parents[2] / "recipes" / "default
 # tests check that the YAML file and this dict agree.
 DEFAULT_RECIPE: dict[str, Any] = {
     "stages": [
-        {"prune": {"method": "frequency", "keep_ratio": 0.5}},
+        {"prune": {"method": "reap", "keep_ratio": 0.75, "weighting": "token"}},
         {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "targets": ["attention", "experts"]}},
     ],
     "calibration": {"samples": 32, "max_tokens": 256, "seed": 0},
