@@ -339,7 +339,6 @@ def test_what_to_train_experts_or_lora(toy: Path, student: Path, tmp_path: Path)
     assert _cli("distill", "tiny", student, "-o", tmp_path / "e", "--train", "experts", *_toy_args(toy, "--steps", "2", "--lr", "1e-2")) == 0  # fmt: skip
     names = changed(tmp_path / "e")
     assert names and all(".mlp.experts." in n or ".mlp.gate." in n for n in names)
-    pytest.importorskip("peft")
     assert _cli("distill", "tiny", student, "-o", tmp_path / "l", "--train", "lora", *_toy_args(toy, "--steps", "2", "--lr", "1e-2")) == 0  # fmt: skip
     names = changed(tmp_path / "l")  # adapters merged: the ordinary layout, attention and experts changed
     assert any("self_attn.q_proj" in n for n in names) and any(".mlp.experts." in n for n in names)
