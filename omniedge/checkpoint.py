@@ -5,13 +5,13 @@ Imports torch/transformers lazily: the runtime may import this module's light he
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.errors import OmniedgeError
+from omniedge.hashing import file_sha256
 from omniedge.outputs import CHECKPOINT
 
 META_FILE = "omniedge.json"
@@ -77,14 +77,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"re-create the checkpoint, or delete {f} if the weights beside it are all you need",
         )
     return meta
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_hashes(directory: str | Path) -> dict[str, str]:

@@ -8,10 +8,8 @@ finished directory with a manifest.json is always complete. The layout is docume
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import platform
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.data import scenes, speech
+from omniedge.data.provenance import licences, tools
 from omniedge.data.sources import SOURCES, read_docs
 from omniedge.data.text_corpus import (
     SPLITS,
@@ -36,6 +34,7 @@ from omniedge.data.text_corpus import (
     unit_hash,
     vocabulary,
 )
+from omniedge.data.writers import MelShards, flac_bytes, save_png, write_jsonl
 from omniedge.errors import OmniedgeError
 from omniedge.outputs import DATASET, check_replaceable
 from omniedge.paths import home
@@ -127,58 +126,6 @@ def load_split(root: str | os.PathLike[str], task: str, split: str) -> list[dict
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-            n += 1
-    return n
-
-
-def _save_png(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG", optimize=False)
-
-
-def _flac_bytes(audio: np.ndarray) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, audio, speech.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
-
-
-class _MelShards:
-    """Log-mel features of one task/split in float16 .npy shards of at most `max_bytes` each."""
-
-    def __init__(self, root: Path, task: str, split: str, max_bytes: int) -> None:
-        self.root, self.prefix, self.max_bytes = root, f"{task}/mel/{split}", max_bytes
-        self.k, self.feats, self.index, self.frames = 0, [], [], 0
-        (root / task / "mel").mkdir(parents=True, exist_ok=True)
-
-    def add(self, row: int, mel: np.ndarray) -> dict[str, Any]:
-        if self.frames and (self.frames + len(mel)) * speech.N_MELS * 2 > self.max_bytes:
-            self.flush()
-        where = {
-            "mel": f"{self.prefix}-{self.k:03d}.features.npy",
-            "mel_start": self.frames,
-            "mel_frames": len(mel),
-        }
-        self.feats.append(mel)
-        self.index.append((row, self.frames, len(mel)))
-        self.frames += len(mel)
-        return where
-
-    def flush(self) -> None:
-        if not self.feats:
-            return
-        np.save(self.root / f"{self.prefix}-{self.k:03d}.features.npy", np.concatenate(self.feats))
-        np.save(self.root / f"{self.prefix}-{self.k:03d}.index.npy", np.asarray(self.index, dtype=np.int64))
-        self.k, self.feats, self.index, self.frames = self.k + 1, [], [], 0
-
-
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
@@ -212,7 +159,7 @@ class _Builder:
         chars: dict[str, dict[str, int]] = {}
         for s in SPLITS:
             rows = ({"text": d.text, "source": d.source, "doc": d.doc_id} for d in by_split[s])
-            self.counts["text"][s] = _write_jsonl(self.root / "text" / f"{s}.jsonl", rows)
+            self.counts["text"][s] = write_jsonl(self.root / "text" / f"{s}.jsonl", rows)
             chars[s] = {
                 src: sum(len(d.text) for d in by_split[s] if d.source == src) for src in self.cfg.sources
             }
@@ -230,17 +177,17 @@ class _Builder:
             for i, layout in enumerate(tqdm(layouts[s], desc=f"scenes {s}", unit="img", leave=False)):
                 img, placed = scenes.render(layout, rng, self.cfg.image_size)
                 rel = f"image/scenes/{s}/{i:05d}.png"
-                _save_png(img, self.root / rel)
+                save_png(img, self.root / rel)
                 key = scenes.layout_key(layout)
                 drawn.append({"image": rel, "layout": key, "objects": [asdict(p) for p in placed]})
                 for task, prompt, answer in scenes.questions(layout):
                     rows.append(
                         {"image": rel, "prompt": prompt, "answer": answer, "task": task, "layout": key}
                     )
-            _write_jsonl(self.root / "image" / f"{s}.scenes.jsonl", drawn)
+            write_jsonl(self.root / "image" / f"{s}.scenes.jsonl", drawn)
             self.scene_rows[s] = rows
             photo_rows = self._photos(s)
-            self.counts["image"][s] = _write_jsonl(self.root / "image" / f"{s}.jsonl", rows + photo_rows)
+            self.counts["image"][s] = write_jsonl(self.root / "image" / f"{s}.jsonl", rows + photo_rows)
         self.stats["image_tasks"] = {
             s: dict(sorted(_count(r["task"] for r in load_split(self.root, "image", s)).items()))
             for s in SPLITS
@@ -269,7 +216,7 @@ class _Builder:
             photo = scenes.load_photo(name)
             for i in range(self.cfg.photo_crops[split]):
                 rel = f"image/photos/{split}/{name}-{i:03d}.png"
-                _save_png(scenes.photo_crop(photo, rng, self.cfg.image_size), self.root / rel)
+                save_png(scenes.photo_crop(photo, rng, self.cfg.image_size), self.root / rel)
                 rows.append(
                     {
                         "image": rel,
@@ -303,7 +250,7 @@ class _Builder:
         self, task: str, split: str, jobs: list[tuple[str, speech.Voice, dict[str, Any]]]
     ) -> int:
         """Synthesise jobs in threads (espeak-ng runs one at a time, features overlap), write audio, mel shards and rows."""
-        shards = _MelShards(self.root, task, split, self.cfg.shard_mib * 2**20)
+        shards = MelShards(self.root, task, split, self.cfg.shard_mib * 2**20)
         stream = [self.seed, _STREAM["noise"], _SPLIT_ID[split], TASKS.index(task)]
 
         def work(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +267,7 @@ class _Builder:
                 _, voice, fields = jobs[i]
                 rel = f"{task}/audio/{split}/{i:05d}.flac"
                 (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (self.root / rel).write_bytes(_flac_bytes(audio))
+                (self.root / rel).write_bytes(flac_bytes(audio))
                 v = voice.as_dict()
                 row = {"audio": rel, **fields}
                 row.update(voice=v["voice"], speed=v["speed"], pitch=v["pitch"], noise_db=v["noise_db"])
@@ -331,7 +278,7 @@ class _Builder:
         self.stats.setdefault("audio_seconds", {}).setdefault(task, {})[split] = round(
             sum(r["seconds"] for r in rows), 1
         )
-        return _write_jsonl(self.root / task / f"{split}.jsonl", rows)
+        return write_jsonl(self.root / task / f"{split}.jsonl", rows)
 
     # ---- mixed: a spoken question about a rendered scene ------------------------------------------
     def mixed(self) -> None:
@@ -398,8 +345,8 @@ class _Builder:
                 },
                 "voices": {s: list(v) for s, v in speech.VARIANTS.items()},
                 "accents": list(speech.ACCENTS),
-                "sources": _licences(),
-                "tools": _tools(),
+                "sources": licences(),
+                "tools": tools(),
                 "bytes": dict(sorted(sizes.items())),
                 "content_sha256": content,
                 "files_sha256": {k: v for k, v in digests.items() if k.endswith((".jsonl", ".npy"))},
@@ -417,47 +364,3 @@ def _count(items: Iterator[str] | Iterable[str]) -> dict[str, int]:
 
 def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def _licences() -> dict[str, dict[str, str]]:
-    out = {
-        n: {"package": s.package, "licence": s.licence, "description": s.description}
-        for n, s in SOURCES.items()
-    }
-    out["scikit-image"] = {
-        "package": "scikit-image",
-        "licence": "BSD-3-Clause (package); bundled photos public domain or CC0/CC-BY per skimage.data docs",
-        "description": "photos for the photo task (astronaut, chelsea, coffee, rocket, ...)",
-    }
-    out["espeak-ng"] = {
-        "package": "espeakng-loader (PyPI wheel bundling libespeak-ng and espeak-ng-data); scipy",
-        "licence": "GPL-3.0-or-later (espeak-ng), MIT (espeakng-loader), BSD-3-Clause (scipy); "
-        "the synthesised audio carries no licence of its own",
-        "description": "speech synthesis (espeak-ng) and resampling to 16 kHz (scipy.signal.resample_poly)",
-    }
-    out["scenes"] = {
-        "package": "omniedge",
-        "licence": "Apache-2.0",
-        "description": "scenes rendered with Pillow",
-    }
-    return out
-
-
-def _tools() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    def version(dist: str) -> str | None:
-        try:
-            return dist_version(dist)
-        except PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(),
-        "espeak-ng": speech.espeak.version(),
-        **{
-            d: version(d)
-            for d in ("espeakng-loader", "scipy", "pillow", "scikit-image", "numpy", "transformers")
-        },
-    }

@@ -26,6 +26,7 @@ from omniedge.errors import OmniedgeError
 from omniedge.runtime.admission import AdmissionQueue
 from omniedge.runtime.backends import EngineBackend, OrtBackend
 from omniedge.runtime.budget import MeasuredThinker
+from omniedge.runtime.bundle_files import load_embed, load_tokenizer
 from omniedge.runtime.generate import (
     GenerationResult,
     SamplingParams,
@@ -67,28 +68,6 @@ class Request:
     mel: np.ndarray | None = None  # float32 [n_mels, frames]
     chunks: AudioChunks | None = None
     warnings: list[str] = field(default_factory=list)  # what was used although suspect (truncated WAV)
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for bad JSON
-        raise OmniedgeError(f"cannot read tokenizer {path}: {e}", "re-export the bundle") from e
-
-
-def _load_embed(m: Manifest) -> np.ndarray:
-    try:
-        table = np.load(m.embed_file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise OmniedgeError(f"cannot read {m.embed_file}: {e}", "re-export the bundle") from e
-    if table.shape != m.embed_shape:
-        raise OmniedgeError(
-            f"{m.embed_file.name} has shape {table.shape}, the manifest says {m.embed_shape}",
-            "re-export the bundle",
-        )
-    return table
 
 
 class Omni:
@@ -140,8 +119,8 @@ class Omni:
         and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
         """
         m = load_manifest(bundle_dir, verify_checksums=verify_checksums)
-        tokenizer = _load_tokenizer(m.tokenizer_file)
-        embed = _load_embed(m)
+        tokenizer = load_tokenizer(m.tokenizer_file)
+        embed = load_embed(m)
         engines: dict[str, EngineBackend] = {}
         for name, comp in m.components.items():
             if name not in ("thinker", "vision", "audio"):

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniedge.errors import OmniedgeError
-from omniedge.runtime.manifest import Manifest, load_manifest, sha256_file
+from omniedge.hashing import file_sha256
+from omniedge.runtime.bundle_files import load_embed, load_tokenizer  # the very loaders `run` uses
+from omniedge.runtime.manifest import Manifest, load_manifest
 
 # A serialized TensorRT engine holds a header, the network and its weights: kilobytes even for a toy graph.
 MIN_ENGINE_BYTES = 1024
@@ -28,14 +30,12 @@ class BundleHealth:
 
 def check_bundle(root: str | Path, checksums: bool = True) -> BundleHealth:
     """Every problem found, not only the first; never raises for a damaged bundle."""
-    from omniedge.runtime.app import _load_embed, _load_tokenizer  # the very loaders `run` uses
-
     try:
         m = load_manifest(root)
     except OmniedgeError as e:
         return BundleHealth(None, [e.problem], fatal=e)
     health = BundleHealth(m)
-    for load in (lambda: _load_tokenizer(m.tokenizer_file), lambda: _load_embed(m)):
+    for load in (lambda: load_tokenizer(m.tokenizer_file), lambda: load_embed(m)):
         try:
             load()
         except OmniedgeError as e:
@@ -53,7 +53,7 @@ def check_bundle(root: str | Path, checksums: bool = True) -> BundleHealth:
         if checksums:
             for name, expected in c.sha256.items():
                 health.checked_files += 1
-                got = sha256_file(m.root / name)
+                got = file_sha256(m.root / name)
                 if got != expected:
                     health.damage.append(
                         f"{name} is damaged (sha256 {got[:12]}..., the manifest records {expected[:12]}...)"

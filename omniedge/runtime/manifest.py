@@ -6,17 +6,17 @@ onnxruntime. The runtime reads everything it needs from this object and nothing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omniedge.errors import OmniedgeError
+from omniedge.runtime.bundle_files import REEXPORT as _REEXPORT
+from omniedge.runtime.bundle_files import check_files, verify
 
 SCHEMA_VERSION = 2  # 2: thinker flavours (ort / portable), rope tables, KV buffer contract
 MANIFEST_FILE = "manifest.json"
-_REEXPORT = "re-export the bundle with `omniedge export CHECKPOINT -o BUNDLE`"
 # Special tokens the runtime needs for each kind of request.
 TEXT_TOKENS = ("im_start", "im_end")
 IMAGE_TOKENS = ("vision_start", "vision_end", "image_pad")
@@ -311,7 +311,7 @@ def load_manifest(bundle_dir: str | Path, verify_checksums: bool = False) -> Man
         m = _parse(raw, root)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a field of the wrong shape
         raise _bad(root, f"has a field of the wrong type or shape ({type(e).__name__}: {e})") from e
-    _check_files(m)
+    check_files(m)
     if verify_checksums:
         verify(m)
     return m
@@ -373,38 +373,3 @@ def _parse(raw: dict[str, Any], root: Path) -> Manifest:
         thinker=_thinker_graph(raw, root, text),
     )
     return m
-
-
-def _check_files(m: Manifest) -> None:
-    missing = [p for p in (m.tokenizer_file, m.embed_file) if not p.is_file()]
-    for c in m.components.values():
-        paths = [p for p in (c.onnx, c.engine) if p is not None]
-        if not any(p.is_file() for p in paths):
-            missing.extend(paths)
-        missing.extend(m.root / name for name in c.sha256 if not (m.root / name).is_file())
-    if missing:
-        names = ", ".join(sorted({str(p.relative_to(m.root)) for p in missing}))
-        raise OmniedgeError(
-            f"bundle {m.root} is incomplete: missing {names}",
-            "copy the whole bundle directory (external .data files too) or " + _REEXPORT,
-        )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify(m: Manifest) -> None:
-    """Compare every file hash the manifest records; a partial copy or bit rot fails here."""
-    for c in m.components.values():
-        for name, expected in c.sha256.items():
-            got = sha256_file(m.root / name)
-            if got != expected:
-                raise OmniedgeError(
-                    f"bundle {m.root}: {name} is damaged (sha256 {got[:12]}..., manifest says {expected[:12]}...)",
-                    "copy the file again from the machine that exported it, or " + _REEXPORT,
-                )

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from omniedge.atomic import atomic_write_json
 from omniedge.errors import OmniedgeError
 from omniedge.outputs import CHECKPOINT, check_replaceable
 from omniedge.training.batches import ChatTokens
-from omniedge.training.loop import Run, final_val_eval, run_phase
+from omniedge.training.loop import Run, run_phase
 from omniedge.training.pack import SYNTHESISED, load_pack_examples, read_pack_meta, write_pack
+from omniedge.training.save import save_trained
 from omniedge.training.state import DivergenceGuard, RunState, load_state, save_state, settings_differ
 from omniedge.training.stream import TRAIN_TASKS
 
@@ -95,7 +95,6 @@ class TrainConfig:
 
 # Settings that do not change the weights: a resumed run may differ in them.
 NOT_RESULT = ("val_every", "val_examples", "final_eval")
-FINAL_EVAL_S = 120.0  # the final val eval runs only if this much time is left before the deadline
 
 
 def _load_init(path: str, pack: Path) -> Any:
@@ -213,7 +212,7 @@ def train(
         state.phase, state.step = state.phase + 1, 0
         if state_dir is not None:
             save_state(state_dir, state, _tensors(model, head, None))
-    return _finish(run, state, pack, meta, Path(out))
+    return save_trained(run, state, pack, meta, Path(out))
 
 
 def _tensors(model: Any, head: Any, opt: Any) -> dict[str, Any]:
@@ -222,66 +221,6 @@ def _tensors(model: Any, head: Any, opt: Any) -> dict[str, Any]:
         "ctc": head.state_dict(),
         **({"opt": opt.state_dict()} if opt is not None else {}),
     }
-
-
-def _finish(run: Run, state: RunState, pack: Path, meta: dict[str, Any], out: Path) -> Path:
-    """Save the bf16 model (the CTC head stays behind) and, when time allows, score the val split."""
-    import torch
-
-    from omniedge.checkpoint import read_meta, save_checkpoint
-    from omniedge.training.kernels import restore_encoder_attention
-
-    model, cfg, device = run.model, run.cfg, run.device
-    model.eval()
-    model.to(torch.bfloat16)  # what is saved; the final eval scores these very (rounded) weights
-    model.generation_config.eos_token_id = run.ct.im_end
-    model.generation_config.pad_token_id = run.ct.pad
-    restore_encoder_attention(model)
-    settings = {
-        **state.settings,
-        "steps": state.totals,
-        "kernels": state.kernels,
-        "rollbacks": state.rollbacks,
-    }
-    if cfg.init:
-        from omniedge.checkpoint import file_sha256
-
-        settings["init_from"] = {
-            "path": str(cfg.init),
-            "model.safetensors": file_sha256(Path(cfg.init) / "model.safetensors"),
-            "training": read_meta(cfg.init).get("training"),
-        }
-    training = {
-        "settings": settings,
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "seconds": round(sum(state.seconds), 1),
-        "phase_seconds": {p.name: round(s, 1) for p, s in zip(cfg.phases, state.seconds, strict=True)},
-        "segments": state.segments,
-        "pack": {
-            k: meta.get(k)
-            for k in ("dataset_manifest_sha256", "tokenizer_sha256", "counts", "image_size", "speech_texts")
-        },
-        "curve": state.curve,
-    }
-    meta_out = {
-        "model": "omni-mini",
-        "made_by": "omniedge.training.train",
-        "training": training,
-        "preprocess": {"image_size": meta["image_size"], "n_mels": 128, "sampling_rate": 16000},
-    }
-    model.to("cpu")
-    save_checkpoint(model, run.tok, out, meta=meta_out)  # saved first: the eval below may be cut short
-    print(f"trained {state.totals} steps in {sum(state.seconds):.0f}s -> {out}", flush=True)
-    left = None if run.deadline is None else run.deadline - time.perf_counter()
-    if cfg.final_eval and (left is None or left > FINAL_EVAL_S):
-        model.to(device)
-        training["final_val"] = final_val_eval(model, run.tok, pack, device, meta["image_size"])
-        atomic_write_json(out / "omniedge.json", {**read_meta(out), "training": training})
-    elif cfg.final_eval:
-        print(f"final val eval skipped: {left:.0f}s left before the deadline", flush=True)
-    return out
 
 
 # ---------------------------------------------------------------- CLI
