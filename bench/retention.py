@@ -20,7 +20,7 @@ from omniedge.eval.metrics import retention
 TASKS = {"text": "text ppl", "image": "image QA", "speech": "speech WER", "mixed": "spoken QA"}
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_result(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         out = json.loads(p.read_text())
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        teacher = _read(args[0])
+        teacher = read_result(args[0])
         students = []
         for a in args[1:]:
             name, _, path = a.rpartition("=") if "=" in a else (Path(a).stem, "", a)
-            students.append((name, _read(path)))
+            students.append((name, read_result(path)))
         print(table(teacher, students))
     except OmniedgeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from omniedge.bench.retention import _read, table
+from omniedge.bench.retention import read_result, table
 from omniedge.errors import OmniedgeError
 
 SALIENCIES = ("random", "frequency", "router_mass", "reap", "contribution")
@@ -117,9 +117,9 @@ def sweep(work: Path, names: list[str], limit: int | None) -> str:
                 work / f"logs/{name}.eval.log",
             )
         print(f"done {name} ({time.strftime('%H:%M:%S')})", flush=True)
-    teacher = _read(work / "teacher.json")
+    teacher = read_result(work / "teacher.json")
     done = [n for n in names if (work / f"{n}.json").is_file()]
-    return table(teacher, [(f"{n} ({timings.get(n, '?')} s)", _read(work / f"{n}.json")) for n in done])
+    return table(teacher, [(f"{n} ({timings.get(n, '?')} s)", read_result(work / f"{n}.json")) for n in done])
 
 
 def main(argv: list[str] | None = None) -> int:
