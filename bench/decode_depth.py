@@ -38,6 +38,7 @@ def decode_at_depth(
             f"context {context} + {new_tokens} new tokens exceeds the KV cache ({thinker.max_context})"
         )
     rng = np.random.default_rng(seed)
+    picked: list[int] = []
     vocab = int(table.shape[0])
     params = SamplingParams(max_new_tokens=new_tokens)
     ttft: list[float] = []
@@ -52,10 +53,12 @@ def decode_at_depth(
         tok = next_token(thinker.prefill(embeds, pos, deep), params, rng)
         t_first = time.perf_counter() - t0
         lat: list[float] = []
+        picked = [tok]
         for n in range(new_tokens - 1):
             t = time.perf_counter()
             tok = next_token(thinker.decode(table[tok], context + n), params, rng)
             lat.append(time.perf_counter() - t)
+            picked.append(tok)
         if _r == 0:
             continue
         ttft.append(t_first)
@@ -68,4 +71,5 @@ def decode_at_depth(
         "token_ms": percentiles(tokens),
         "decode_tok_s": (1e3 / float(np.median(np.asarray(tokens) * 1e3))) if tokens else None,
         "spread": run_spread(medians),
+        "last_run_tokens": [int(t) for t in picked],  # to compare kernel choices on the same prompt
     }

@@ -38,11 +38,14 @@ def family(kernel: str) -> str:
     return "other"
 
 
-def ort_profile_by_op(profile_json: str | Path, steps: int) -> dict[str, dict[str, float]]:
+def ort_profile_by_op(
+    profile_json: str | Path, steps: int, skip_last: int = 0
+) -> dict[str, dict[str, float]]:
     """ONNX Runtime profiler file -> {op type: {"ms_per_step", "nodes_per_step"}} over the last `steps` runs
-    (earlier runs, e.g. the prefill, are left out)."""
+    before the final `skip_last` ones (other runs, e.g. the prefill, are left out)."""
     events = json.loads(Path(profile_json).read_text())
-    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-steps:]
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = runs[len(runs) - steps - skip_last : len(runs) - skip_last]
     spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in runs]
     total: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)

@@ -14,26 +14,14 @@ import argparse
 import datetime as dt
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from omniedge.atomic import atomic_write_bytes, atomic_write_json
-from omniedge.bench.decode_depth import decode_at_depth
 from omniedge.bench.kernels import cuda_kernels, family_bandwidth, ort_profile_by_op
 from omniedge.bench.roofline import measure_copy_bandwidth, orin_projection, roofline
 from omniedge.bench.system import machine
-
-
-def _gpu_used_bytes() -> int | None:
-    try:
-        import pynvml  # nvidia-ml-py
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-    except Exception:  # no NVML here: memory is reported as unknown, never guessed
-        return None
+from omniedge.bench.thinker_probe import run_child
 
 
 def _profile(
@@ -56,11 +44,15 @@ def _profile(
     runner = make_thinker(m, backend, max_context=context + steps + 8)
     table = np.load(m.embed_file, mmap_mode="r")
     h = m.text.hidden_size
-    runner.prefill(
-        np.asarray(table[np.arange(context) % table.shape[0]], np.float32)[None],
-        np.broadcast_to(np.arange(context), (3, context)),
-        np.zeros((m.text.num_deepstack, 1, context, h), np.float32),
-    )
+    prompt = np.asarray(table[np.arange(context) % table.shape[0]], np.float32)[None]
+    positions = np.broadcast_to(np.arange(context), (3, context))
+    deep = np.zeros((m.text.num_deepstack, 1, context, h), np.float32)
+
+    def prefill() -> None:
+        runner.prefill(prompt, positions, deep).greedy()
+
+    prefill_runs = 3
+    prefill_kernels = cuda_kernels(prefill, prefill_runs)  # leaves the cache at `context` tokens
     state = {"n": 0}
 
     def step() -> None:
@@ -76,15 +68,18 @@ def _profile(
         out["ort_ops_note"] = (
             "host-side node durations; on CUDA mostly launch time (kernels are asynchronous)"
         )
+        out["prefill_ort_ops"] = ort_profile_by_op(prof, prefill_runs, skip_last=n_ort)
     if kernels:
         out["kernels"] = kernels
         out["family_bandwidth"] = family_bandwidth(kernels["families"], cost, context)
+    if prefill_kernels:
+        out["prefill_kernels"] = prefill_kernels  # one prefill of `context` tokens, per kernel family
     backend.unload()
     return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from omniedge.runtime.app import Omni
+    from omniedge.runtime.manifest import load_manifest
 
     bundle = Path(args.bundle)
     report: dict[str, Any] = {
@@ -95,41 +90,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "bundle": str(bundle),
     }
-    bw = measure_copy_bandwidth()
-    report["copy_bandwidth_gb_s"] = bw / 1e9 if bw else None
-    used0 = _gpu_used_bytes()
-    ctx_max = max(args.contexts) + args.new_tokens + 8
-    t0 = time.perf_counter()
-    omni = Omni.load(bundle, providers=args.providers, max_context=ctx_max, cuda_graph=not args.no_cuda_graph)
-    report["load_s"] = {"total": time.perf_counter() - t0, **omni.load_seconds}
-    m = omni.manifest
+    m = load_manifest(bundle)
     cost = m.raw["thinker_graph"].get("decode_cost") or {}
     report["decode_cost"] = cost
-    report["thinker_providers"] = omni.engines["thinker"].active_providers()  # type: ignore[attr-defined]
-    report["cuda_graph"] = bool(getattr(omni.engines["thinker"], "cuda_graph", False))
+    # decode, TTFT and GPU memory: the thinker alone in a fresh process (thinker_probe), so the memory growth
+    # is the thinker's and nothing else's
+    extra = ["--no-cuda-graph"] if args.no_cuda_graph else []
+    probe = run_child(bundle, args.providers, args.contexts, args.new_tokens, args.runs, extra=extra)
+    if "error" in probe:
+        raise RuntimeError(f"the thinker probe failed: {probe['error']}")
+    bw = measure_copy_bandwidth()
+    report["copy_bandwidth_gb_s"] = bw / 1e9 if bw else None
+    report["load_s"] = probe["load_s"]
+    report["thinker_providers"] = probe["providers"]
+    report["cuda_graph"] = probe["cuda_graph"]
+    report["ort_settings"] = probe["settings"]
     report["contexts"] = []
-    for c in args.contexts:
-        r = decode_at_depth(omni, c, args.new_tokens, args.runs)
-        p50 = r["token_ms"].get("p50")
+    for r in probe["contexts"]:
+        c, p50 = r["context"], r["token_ms"].get("p50")
         r["roofline"] = roofline(cost, c, p50, bw) if cost else None
         if r["roofline"] and r["roofline"].get("fraction_of_roofline"):
             r["orin_projection"] = orin_projection(cost, c, r["roofline"])
         report["contexts"].append(r)
         print(f"context {c}: token p50 {p50 or 0:.3f} ms, ttft {r['ttft_ms']['mean']:.1f} ms", flush=True)
-    used1 = _gpu_used_bytes()
-    weights = sum(comp.weight_bytes for comp in m.components.values())
-    kv = getattr(omni.thinker, "kv_bytes", 0)
-    report["memory"] = {
-        "gpu_used_delta_mib": (used1 - used0) / 2**20 if used0 is not None and used1 is not None else None,
-        "weights_mib": weights / 2**20,
-        "kv_cache_mib": kv / 2**20,
-        "kv_cache_tokens": omni.thinker.max_context,
-        "overhead_over_weights_plus_kv": ((used1 - used0) / (weights + kv) - 1)
-        if used0 is not None and used1 is not None
-        else None,
-    }
-    omni.close()
-    del omni
+    report["memory"] = probe.get("memory")
     if args.profile and cost:
         out_dir = Path(args.json).parent
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -169,14 +169,15 @@ def export_bundle(
     image_size: int | None = None,
     flavour: str = "ort",
     device: str = "cpu",
-    fused_qk_norm: bool = False,
+    fused_qk_norm: bool | None = None,
     progress: bool = True,
 ) -> Path:
     """Export `checkpoint` (an HF directory) to the engine bundle `out`; returns `out`.
 
     `flavour` "ort": the thinker graph of ONNX Runtime contrib ops, streamed from the checkpoint's tensors
     (float16 for `device` "cuda", float32 for "cpu"); "portable": standard ONNX ops (for TensorRT).
-    Encoders are float32 graphs either way."""
+    Encoders are float32 graphs either way. `fused_qk_norm` (ort flavour): GroupQueryAttention applies the
+    q/k RMSNorm, which ONNX Runtime runs only on CUDA; None: fused for "cuda", separate for "cpu"."""
     from tokenizers import Tokenizer
     from tqdm.auto import tqdm
 
@@ -199,9 +200,12 @@ def export_bundle(
         raise OmniedgeError(f"unknown thinker flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
     if device not in DEVICES:
         raise OmniedgeError(f"unknown export device {device!r}", f"use one of {', '.join(DEVICES)}")
-    if fused_qk_norm and device != "cuda":
+    if fused_qk_norm is None:
+        fused_qk_norm = flavour == "ort" and device == "cuda"
+    if fused_qk_norm and (device != "cuda" or flavour != "ort"):
         raise OmniedgeError(
-            "the fused q/k RMSNorm runs only on CUDA", "drop --fused-qk-norm or export --device cuda"
+            "the fused q/k RMSNorm is an ort-flavour graph for CUDA only (ONNX Runtime's CPU kernel lacks it)",
+            "export with --qk-norm separate, or --device cuda --flavour ort",
         )
     t_start = time.perf_counter()
     checkpoint = check_checkpoint_dir(checkpoint)
@@ -329,7 +333,7 @@ def export_cli(
     image_size: int | None,
     flavour: str = "ort",
     device: str = "cpu",
-    fused_qk_norm: bool = False,
+    fused_qk_norm: bool | None = None,
 ) -> None:
     """What `omniedge export` runs: resolve a name like `tiny`, export, print where the bundle went."""
     from omniedge.models.registry import resolve_checkpoint

@@ -51,3 +51,18 @@ def test_compare_prints_ratios(report: dict, tmp_path: Path) -> None:
 def test_baseline_needs_contexts(bundle: Path, checkpoint: Path) -> None:
     with pytest.raises(OmniedgeError, match="--contexts"):
         bench_cli(str(bundle), runs=1, new_tokens=2, json_path=None, baseline=checkpoint)
+
+
+def test_thinker_probe_runs_the_thinker_alone_in_a_child(bundle: Path) -> None:
+    """The probe thinker_report and the kernel sweep use: a fresh process, the thinker only, decode and TTFT at
+    each context, the greedy tokens of its last run (the same prompt every time: kernel choices compare)."""
+    from omniedge.bench.thinker_probe import run_child
+
+    a = run_child(bundle, "cpu", [8, 20], new_tokens=4, runs=2)
+    assert "error" not in a, a.get("error")
+    assert [c["context"] for c in a["contexts"]] == [8, 20] and a["settings"] == {}
+    assert all(c["token_ms"]["n"] == 2 * 3 and len(c["last_run_tokens"]) == 4 for c in a["contexts"])
+    b = run_child(bundle, "cpu", [8], new_tokens=4, runs=2)
+    assert b["contexts"][0]["last_run_tokens"] == a["contexts"][0]["last_run_tokens"]
+    bad = run_child(bundle / "missing", "cpu", [8], new_tokens=4, runs=1)  # the child's failure comes back
+    assert bad["returncode"] != 0 and "missing" in bad["error"]

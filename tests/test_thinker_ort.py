@@ -60,7 +60,8 @@ def odd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "checkpoint": ckpt,
         "model": load_checkpoint(ckpt)[0],
         "fp32": export_bundle(ckpt, root / "b32", progress=False),
-        "fp16": export_bundle(ckpt, root / "b16", device="cuda", progress=False),
+        # float16 as for CUDA, q/k norm separate so ONNX Runtime's CPU kernels can run it here
+        "fp16": export_bundle(ckpt, root / "b16", device="cuda", fused_qk_norm=False, progress=False),
     }
 
 
@@ -220,3 +221,32 @@ def test_zero_points_groups_and_per_layer_experts_export_equal_transformers(
         export_bundle(ckpt, tmp_path / "portable", flavour="portable", progress=False)
     assert "--flavour ort" in (err.value.fix or "")
     assert not (tmp_path / "portable").exists()
+
+
+def test_a_cuda_export_fuses_the_qk_norm_and_a_cpu_session_says_so(
+    odd: dict[str, Any], tmp_path: Path
+) -> None:
+    """`--device cuda` defaults to the fused q/k norm (q/k/v packed into GroupQueryAttention, no Split, no
+    separate norms); ONNX Runtime's CPU kernel cannot run it, so the runtime refuses it on the CPU with the fix,
+    and asking for the fused graph on the CPU is refused at export."""
+    import onnx
+
+    from omniedge.export.bundle import export_bundle
+    from omniedge.runtime.app import Omni
+
+    bundle = export_bundle(odd["checkpoint"], tmp_path / "gpu", device="cuda", progress=False)
+    ops = [n.op_type for n in onnx.load(str(bundle / "thinker.onnx"), load_external_data=False).graph.node]
+    assert "Split" not in ops and "SimplifiedLayerNormalization" in ops  # only the first layer's input norm
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    gqa = [
+        n
+        for n in onnx.load(str(bundle / "thinker.onnx"), load_external_data=False).graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+    assert all(n.input[1] == "" and n.input[2] == "" and len(n.input) >= 14 for n in gqa)
+    manifest = (bundle / "manifest.json").read_text()
+    assert '"fused_qk_norm": true' in manifest and "CUDAExecutionProvider" in manifest
+    with pytest.raises(OmniedgeError, match="built for CUDAExecutionProvider"):
+        Omni.load(bundle).chat(PROMPT, max_new_tokens=2)
+    with pytest.raises(OmniedgeError, match="CUDA only"):
+        export_bundle(odd["checkpoint"], tmp_path / "cpu", device="cpu", fused_qk_norm=True, progress=False)

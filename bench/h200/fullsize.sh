@@ -27,6 +27,39 @@ n=sorted({e['image']['photo'] for s in p['splits'].values() for e in s if e['kin
       setsid nohup bash -c "python3 -m omniedge compress full -o $W/full-int4 --recipe recipes/qwen3-omni-30b-prune50-int4.yaml \
         > $W/compress.log 2>&1; echo \$? > $W/compress.rc" > /dev/null 2>&1 < /dev/null &
       sleep 45; tail -c 1500 $W/compress.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
+    start-pipeline)  # compress then export, in their own session: they run on while later calls carry wheel chunks
+      rm -f $W/pipeline.rc; rm -rf $W/recipes; cp -r recipes $W/recipes
+      cat > $W/pipeline.sh <<EOF
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site
+cd $W
+python3 -m omniedge compress full -o $W/full-int4 --recipe $W/recipes/qwen3-omni-30b-prune50-int4.yaml > $W/compress.log 2>&1 || { echo 1 > $W/pipeline.rc; exit; }
+python3 - > $W/export.log 2>&1 <<'PY'
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call([sys.executable, "-m", "omniedge", "export", "$W/full-int4", "-o", "$W/full-bundle", "--device", "cuda"])
+r = {"rc": rc, "wall_s": round(time.perf_counter() - t, 1), "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+print(json.dumps(r)); json.dump(r, open("$W/export-run.json", "w"))
+PY
+echo \$? > $W/pipeline.rc
+EOF
+      setsid nohup bash $W/pipeline.sh > /dev/null 2>&1 < /dev/null &
+      sleep 20; tail -c 600 $W/compress.log | tr '\r' '\n' | tail -3 ;;
+    wait-pipeline)
+      for _ in $(seq 1 100); do [ -f $W/pipeline.rc ] && break; sleep 3; done
+      echo "pipeline rc $(cat $W/pipeline.rc 2>/dev/null || echo running)"
+      tr '\r' '\n' < $W/compress.log | grep -v "it/s\]$" | tail -4; tr '\r' '\n' < $W/export.log | grep -v "it/s\]$" | tail -25
+      cp $W/compress.log $W/export.log $OUT/ 2>/dev/null; cp $W/full-int4/omniedge.json $OUT/full-int4.omniedge.json 2>/dev/null
+      cp $W/full-bundle/manifest.json $OUT/full-bundle.manifest.json 2>/dev/null; cp $W/export-run.json $OUT/ 2>/dev/null ;;
+    sweep)
+      timeout 420 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
+        --combine "fpA_intB + XQA=ORT_FPA_INTB_GEMM=1,ORT_ENABLE_XQA=1" --json $OUT/sweep.json 2>&1 | grep -v Warn ;;
+    final)  # the report with the settings the sweep's rule picks (pick_settings.py), then omni-mini parity
+      pick=$(python3 bench/h200/pick_settings.py $OUT/sweep.json 2>/dev/null || true); echo "picked: ${pick:-runtime defaults}"
+      echo "$pick" > $OUT/picked.txt
+      timeout 300 env $pick python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
+        --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -14
+      timeout 100 env $pick python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda \
+        --json $OUT/parity.json 2>&1 | tail -3 ;;
     status)
       tail -c 600 $W/compress.log 2>/dev/null | tr '\r' '\n' | tail -4; cat $W/compress.rc 2>/dev/null; df -h $W | tail -1 ;;
     wait-compress)

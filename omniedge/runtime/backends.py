@@ -156,6 +156,11 @@ class OrtBackend:
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         opts.enable_cpu_mem_arena = self.cpu_arena
+        self.cuda_settings: dict[str, str] = {}
+        if "CUDAExecutionProvider" in self.providers:
+            from omniedge.runtime import ort_cuda
+
+            self.cuda_settings = ort_cuda.apply(opts)
         if self.profile_prefix:
             opts.enable_profiling = True
             opts.profile_file_prefix = self.profile_prefix

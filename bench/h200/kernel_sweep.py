@@ -1,0 +1,102 @@
+"""ONNX Runtime's CUDA kernel choices, A/B on one bundle: `python bench/h200/kernel_sweep.py BUNDLE --json OUT`.
+
+Each variant is the runtime's defaults (omniedge/runtime/ort_cuda.py) plus some ONNX Runtime environment
+variables or session config entries (OMNIEDGE_ORT_CONFIG), measured by `omniedge.bench.thinker_probe` in its
+own process (fresh GPU): decode p50 and TTFT at each context, GPU memory growth against weights + KV, and
+whether its greedy tokens on the same prompt equal the first variant's (on random weights a float16
+near-tie can flip one; the count says how far they agree). The defaults in ort_cuda.py come from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omniedge.bench.thinker_probe import run_child
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "runtime defaults": {},
+    "initializers in one block (ORT default)": {
+        "OMNIEDGE_ORT_CONFIG": "session.use_device_allocator_for_initializers=0"
+    },
+    "defaults + arena shrink after load": {"--shrink": ""},
+    "MatMulNBits fpA_intB GEMM + GEMV": {"ORT_FPA_INTB_GEMM": "1"},
+    "MatMulNBits fpA_intB GEMM only": {"ORT_FPA_INTB_GEMM": "4"},
+    "XQA decode attention on": {"ORT_ENABLE_XQA": "1"},
+    "XQA decode attention off": {"ORT_ENABLE_XQA": "0"},
+    "flash decode off": {"ORT_DISABLE_FLASH_DECODE": "1"},
+    "cuDNN flash attention on": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"},
+    "cuDNN flash attention off": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
+    "QMoE GEMV off": {"ORT_DISABLE_MOE_GEMV": "1"},
+}
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--providers", default="cuda")
+    p.add_argument("--only", nargs="*", help="variant names (default: all)")
+    p.add_argument("--combine", action="append", default=[], help="extra variant: NAME=ENV=V,ENV=V")
+    p.add_argument("--json", type=Path, required=True)
+    a = p.parse_args(argv)
+    variants = {k: v for k, v in VARIANTS.items() if not a.only or k in a.only}
+    for spec in a.combine:
+        name, _, pairs = spec.partition("=")
+        variants[name] = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
+    rows: list[dict[str, Any]] = []
+    ref: dict[int, list[int]] = {}
+    for name, env in variants.items():
+        extra = [k for k in env if k.startswith("--")]
+        r = run_child(
+            a.bundle,
+            a.providers,
+            a.contexts,
+            a.new_tokens,
+            a.runs,
+            env={k: v for k, v in env.items() if not k.startswith("--")},
+            extra=extra,
+        )
+        row: dict[str, Any] = {"variant": name, "env": env, **r}
+        for c in r.get("contexts", []):
+            toks = c.get("last_run_tokens", [])
+            ref.setdefault(c["context"], toks)
+            c["tokens_equal_to_first_variant"] = agree(ref[c["context"]], toks)
+        rows.append(row)
+        line = [name]
+        for c in r.get("contexts", []):
+            line.append(
+                f"ctx {c['context']}: p50 {c['token_ms'].get('p50') or 0:.3f} ms, TTFT {c['ttft_ms']['mean']:.1f} ms, "
+                f"tokens equal {c['tokens_equal_to_first_variant']}/{len(c.get('last_run_tokens', []))}"
+            )
+        mem = r.get("memory") or {}
+        if mem:
+            line.append(
+                f"GPU {mem['gpu_used_growth_mib']:.0f} MiB, overhead {mem['overhead_over_weights_plus_kv']:.1%}"
+            )
+        if "error" in r:
+            lines = [x for x in r["error"].strip().splitlines() if "Error" in x] or r[
+                "error"
+            ].strip().splitlines()
+            line.append("ERROR " + lines[-1][:300])
+        print(" | ".join(line), flush=True)
+        a.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

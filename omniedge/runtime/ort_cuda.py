@@ -1,0 +1,82 @@
+"""The ONNX Runtime settings every CUDA session of the runtime gets, each one measured on the H200.
+
+ONNX Runtime's CUDA kernels read some choices from session config entries and others only from environment
+variables (read when a session builds its kernels). The runtime sets both here, once, and never overrides
+what the user set: an `ORT_*` variable already in the environment wins over our default, so a user can
+always A/B a kernel choice without editing code. Session config entries with no environment variable are
+set the same way through `OMNIEDGE_ORT_CONFIG="key=value;key=value"` (any ONNX Runtime session config key;
+it wins over ours for the same key). Evidence for each default: bench/h200/kernel_sweep.py and
+its result file under bench/results/ (named in each entry).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omniedge.errors import OmniedgeError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One choice: an ONNX Runtime session config key (or None: environment only), the environment
+    variable that means the same, the value we use, and why."""
+
+    config_key: str | None
+    env: str | None
+    value: str
+    why: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "session.use_device_allocator_for_initializers",
+        None,
+        "1",
+        "each weight its own device allocation: the raw expert weights QMoE re-lays out at load are freed "
+        "instead of staying inside one block with every other weight",
+    ),
+)
+
+
+CONFIG_ENV = "OMNIEDGE_ORT_CONFIG"
+
+
+def user_config(environ: Any = None) -> dict[str, str]:
+    """`OMNIEDGE_ORT_CONFIG`'s entries; a malformed one is an error that shows the expected form."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in env.get(CONFIG_ENV, "").split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OmniedgeError(
+                f"{CONFIG_ENV} has {item!r}, not key=value",
+                f'set it as {CONFIG_ENV}="session.some_key=1;ep.cuda.other_key=0"',
+            )
+        out[key.strip()] = value.strip()
+    return out
+
+
+def apply(opts: Any, environ: Any = None) -> dict[str, str]:
+    """Put the settings on `opts` (an onnxruntime.SessionOptions) and into the environment for the
+    env-only ones; skip any the user set. Returns what this session runs with."""
+    env = os.environ if environ is None else environ
+    mine = user_config(env)
+    used: dict[str, str] = {}
+    for key, value in mine.items():
+        opts.add_session_config_entry(key, value)
+        used[key] = value
+    for s in SETTINGS:
+        if s.env and s.env in env:  # the user's choice: config entries would override it, so set none
+            used[s.env] = env[s.env]
+            continue
+        if s.config_key in mine:
+            continue
+        if s.config_key:
+            opts.add_session_config_entry(s.config_key, s.value)
+            used[s.config_key] = s.value
+        elif s.env:
+            env[s.env] = s.value
+            used[s.env] = s.value
+    return used
