@@ -113,11 +113,15 @@ def family_bandwidth(
 ) -> dict[str, Any]:
     """Bytes each family must read per step (exporter's count) over its kernel time."""
     kv = float(cost["kv_bytes_per_context_token"]) * context
+    float_mm = float(cost.get("float_matmul_bytes", 0))  # absent in bundles exported before it was counted
     nbytes = {
         "QMoE": float(cost["expert_bytes_per_token"]),
         "GroupQueryAttention": kv,
-        "MatMulNBits": float(cost["dense_bytes"]),  # dense weights: attention projections, lm_head, routers
+        # INT4 dense weights (attention projections, an INT4 lm_head); norms are a rounding error here
+        "MatMulNBits": float(cost["dense_bytes"]) - float_mm,
     }
+    if float_mm:
+        nbytes["MatMul (router, float)"] = float_mm  # routers and a float lm_head
     out = {}
     for fam, b in nbytes.items():
         ms = families.get(fam, {}).get("ms_per_step")

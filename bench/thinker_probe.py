@@ -54,7 +54,9 @@ def probe(
     t0 = time.perf_counter()
     backend.load()
     load_s = time.perf_counter() - t0
-    runner = make_thinker(m, backend, max_context=max(contexts) + new_tokens + 8)
+    t0 = time.perf_counter()
+    runner = make_thinker(m, backend, max_context=max(contexts) + new_tokens + 8)  # on CUDA: the warm-up
+    init_s = time.perf_counter() - t0
     used_loaded = gpu_used_bytes()
     if shrink:  # one prefill that hands the device arena's unused regions back (what load left behind)
         import onnxruntime as ort
@@ -75,6 +77,7 @@ def probe(
         "cuda_graph": backend.cuda_graph,
         "settings": backend.cuda_settings,
         "load_s": load_s,
+        "thinker_init_s": init_s,  # buffers, and on CUDA the warm-up prefill at the full context
         "contexts": [],
     }
     for c in sorted(contexts):

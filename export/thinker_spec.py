@@ -125,6 +125,8 @@ def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
             by_layer[li] = by_layer.get(li, 0) + n
     expert = sum(by_layer.values())
     dense = sum(b.sizes.values()) - expert
+    # float matmul weights (routers, a float lm_head): plain MatMul, not MatMulNBits, in the kernel profile
+    float_matmul = sum(n for name, n in b.sizes.items() if name.endswith((".router_t", ".weight_t")))
     moe_layers = max(1, len(cfg.moe_layers))
     per_token_experts = sum(n * cfg.top_k / max(1, cfg.experts_of(li)) for li, n in by_layer.items())
     elt = 2 if dtype == "float16" else 4
@@ -137,6 +139,7 @@ def decode_cost(b: GraphBuilder, cfg: TextConfig, dtype: str) -> dict[str, Any]:
     active += (cfg.layers - len(cfg.moe_layers)) * dense_mlp + cfg.vocab * cfg.hidden
     return {
         "dense_bytes": int(dense),
+        "float_matmul_bytes": int(float_matmul),
         "expert_bytes": int(expert),
         "expert_bytes_per_token": float(per_token_experts),
         "expert_bytes_per_layer": float(expert / moe_layers),

@@ -37,6 +37,14 @@ SETTINGS: tuple[Setting, ...] = (
         "each weight its own device allocation: the raw expert weights QMoE re-lays out at load are freed "
         "instead of staying inside one block with every other weight",
     ),
+    Setting(
+        None,
+        "ORT_ENABLE_XQA",
+        "0",
+        "decode attention through flash decoding instead of XQA: 3.42 -> 3.12 ms per token at 512 tokens "
+        "and 3.46 -> 3.33 ms at 4096 on the H200 (30B thinker), greedy tokens equal "
+        "(bench/results/2026-12-01-h200-decode-xqa-warmup.md)",
+    ),
 )
 
 

@@ -63,6 +63,7 @@ class OrtThinker:
         rope: RopeSpec,
         max_context: int,
         cuda_graph: bool = False,
+        warm_up: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -99,6 +100,9 @@ class OrtThinker:
             self._decode_opts.add_run_config_entry("gpu_graph_id", "1")
             self._prefill_opts.add_run_config_entry("gpu_graph_id", "-1")
         self.cache_len = 0
+        self.warm_up_at_load = warm_up
+        if warm_up and self.device != "cpu":
+            self.warm_up()
 
     # ------------------------------------------------------------ buffers
 
@@ -145,6 +149,22 @@ class OrtThinker:
         return StepOutput(self.logits_buf, self.next_buf)
 
     # ------------------------------------------------------------ steps
+
+    def warm_up(self) -> None:
+        """One prefill of `max_context` zero embeddings, then an empty cache.
+
+        On CUDA, the first prompt of each new length makes ONNX Runtime pick GEMM tactics and grow its
+        device arena. Done after the decode step is captured as a CUDA graph, a long prompt grew GPU
+        memory from 12.2 to 17.9 GiB on the H200 (30B thinker, 4096-token context:
+        bench/results/2026-12-01-h200-decode-xqa-warmup.md). Done first, at load, the arena is sized once
+        and the first real request is not slowed by the tactic profiling. Without it, two of the first three
+        omni-mini prompts there came back with NaN logits (with it: 32 of 32 requests equal transformers).
+        It costs load time: about 19 s at 4168 tokens there, paid again whenever the thinker is reloaded.
+        """
+        n = self.max_context
+        embeds = np.zeros((1, n, self.hidden), self.dtype)
+        self.prefill(embeds, np.broadcast_to(np.arange(n), (3, n)), None)
+        self.cache_len = 0
 
     def prefill(
         self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
