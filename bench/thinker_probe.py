@@ -39,6 +39,7 @@ def probe(
     runs: int,
     cuda_graph: bool = True,
     shrink: bool = False,
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     import numpy as np
 
@@ -55,7 +56,7 @@ def probe(
     backend.load()
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    runner = make_thinker(m, backend, max_context=max(contexts) + new_tokens + 8)  # on CUDA: the warm-up
+    runner = make_thinker(m, backend, max(contexts) + new_tokens + 8, prefill_chunk)  # on CUDA: the warm-up
     init_s = time.perf_counter() - t0
     used_loaded = gpu_used_bytes()
     if shrink:  # one prefill that hands the device arena's unused regions back (what load left behind)
@@ -76,6 +77,7 @@ def probe(
         "providers": backend.active_providers(),
         "cuda_graph": backend.cuda_graph,
         "settings": backend.cuda_settings,
+        "prefill_chunk": prefill_chunk,
         "load_s": load_s,
         "thinker_init_s": init_s,  # buffers, and on CUDA the warm-up prefill at the full context
         "contexts": [],
@@ -133,9 +135,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--shrink", action="store_true", help="hand the arena's unused regions back after load")
+    p.add_argument("--prefill-chunk", type=int, help="prompt pieces of this many tokens (default: whole)")
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
-    r = probe(a.bundle, a.providers, a.contexts, a.new_tokens, a.runs, not a.no_cuda_graph, a.shrink)
+    r = probe(
+        a.bundle,
+        a.providers,
+        a.contexts,
+        a.new_tokens,
+        a.runs,
+        not a.no_cuda_graph,
+        a.shrink,
+        a.prefill_chunk,
+    )
     from omniedge.atomic import atomic_write_json
 
     atomic_write_json(a.json, r)

@@ -171,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-context", type=int, help="context tokens (default: the model's, or what the budget fits)"
     )
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="feed prompts to the thinker in pieces of this many tokens: its workspaces then scale with the "
+        "piece, not the prompt (ort bundles; default: whole prompts)",
+    )
     s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
     s.add_argument(
         "--max-request-mb", type=float, default=16.0, help="largest request body in MiB (413 above)"
@@ -310,6 +316,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             memory_budget=args.memory_budget,
             pin=tuple(args.pin or ("thinker",)),
             max_context=args.max_context,
+            prefill_chunk=args.prefill_chunk,
             max_queue=args.max_queue,
             max_request_bytes=int(args.max_request_mb * 2**20),
             media_roots=args.media_root,

@@ -250,3 +250,34 @@ def test_a_cuda_export_fuses_the_qk_norm_and_a_cpu_session_says_so(
         Omni.load(bundle).chat(PROMPT, max_new_tokens=2)
     with pytest.raises(OmniedgeError, match="CUDA only"):
         export_bundle(odd["checkpoint"], tmp_path / "cpu", device="cpu", fused_qk_norm=True, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["text", "image+audio"])
+def test_a_prompt_prefilled_in_pieces_answers_as_a_whole(odd: dict[str, Any], kind: str) -> None:
+    """`prefill_chunk`: each piece attends to the cache the earlier pieces wrote (M-RoPE rows, deepstack rows
+    and the image's positions cut with it); the greedy answer equals transformers' and the prompt's last
+    logits equal the one-piece prefill's."""
+    from omniedge.runtime.app import Omni
+
+    media = _media(kind)
+    with Omni.load(odd["fp32"]) as whole, Omni.load(odd["fp32"], prefill_chunk=5) as pieces:
+        prompt = whole.preprocess(PROMPT, **media)
+        inputs = whole.thinker_inputs(prompt)
+        assert inputs.inputs_embeds.shape[1] > 3 * 5  # several pieces, the last one partial or not
+        ref_logits = whole.thinker.prefill(
+            inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+        ).logits()
+        got_logits = pieces.thinker.prefill(
+            inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+        ).logits()
+        assert np.abs(got_logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+        got = pieces.chat(PROMPT, max_new_tokens=NEW, **media).token_ids
+    ref, _, _ = hf_greedy(odd["model"], prompt, whole.manifest.eos_token_ids, NEW)
+    assert got == ref
+
+
+def test_prefill_chunk_must_be_positive(odd: dict[str, Any]) -> None:
+    from omniedge.runtime.app import Omni
+
+    with pytest.raises(OmniedgeError, match="prefill_chunk"):
+        Omni.load(odd["fp32"], prefill_chunk=0)

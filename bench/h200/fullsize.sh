@@ -53,6 +53,10 @@ EOF
     sweep)
       timeout 420 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
         --combine "fpA_intB + XQA=ORT_FPA_INTB_GEMM=1,ORT_ENABLE_XQA=1" --json $OUT/sweep.json 2>&1 | grep -v Warn ;;
+    chunked)  # the memory a prompt's workspaces take, whole against in pieces (OrtThinker.prefill_chunk)
+      timeout 400 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
+        --only "runtime defaults" "prompts in 512-token pieces" "prompts in 1024-token pieces" \
+        --json $OUT/sweep-chunked.json 2>&1 | grep -v Warn ;;
     final)  # the report with the settings the sweep's rule picks (pick_settings.py), then omni-mini parity
       pick=$(python3 bench/h200/pick_settings.py $OUT/sweep.json 2>/dev/null || true); echo "picked: ${pick:-runtime defaults}"
       echo "$pick" > $OUT/picked.txt

@@ -22,7 +22,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "initializers in one block (ORT default)": {
         "OMNIEDGE_ORT_CONFIG": "session.use_device_allocator_for_initializers=0"
     },
-    "defaults + arena shrink after load": {"--shrink": ""},
     "MatMulNBits fpA_intB GEMM + GEMV": {"ORT_FPA_INTB_GEMM": "1"},
     "MatMulNBits fpA_intB GEMM only": {"ORT_FPA_INTB_GEMM": "4"},
     "XQA decode attention on": {"ORT_ENABLE_XQA": "1"},
@@ -31,6 +30,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cuDNN flash attention on": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"},
     "cuDNN flash attention off": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
     "QMoE GEMV off": {"ORT_DISABLE_MOE_GEMV": "1"},
+    "prompts in 512-token pieces": {"--prefill-chunk": "512"},
+    "prompts in 1024-token pieces": {"--prefill-chunk": "1024"},
 }
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     ref: dict[int, list[int]] = {}
     for name, env in variants.items():
-        extra = [k for k in env if k.startswith("--")]
+        extra = [a for k, v in env.items() if k.startswith("--") for a in (k, v) if a]
         r = run_child(
             a.bundle,
             a.providers,

@@ -81,14 +81,16 @@ class Omni:
         engines: dict[str, EngineBackend],
         max_context: int | None = None,
         max_queue: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.manifest = manifest
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.embed_table = embed_table
         self.engines = engines
         t = manifest.text
         self.max_context = min(max_context or DEFAULT_CONTEXT, t.max_position_embeddings)
-        self._thinker: Any = make_thinker(manifest, engines["thinker"], self.max_context)
+        self._thinker: Any = make_thinker(manifest, engines["thinker"], self.max_context, prefill_chunk)
         self._queue = AdmissionQueue(max_queue)
         self.scheduler: Any = None  # a runtime.scheduler.Scheduler when loaded with a memory budget
         a = manifest.audio
@@ -110,11 +112,14 @@ class Omni:
         pin: Sequence[str] = ("thinker",),
         max_queue: int | None = None,
         cuda_graph: bool = True,
+        prefill_chunk: int | None = None,
     ) -> Omni:
         """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`).
 
         `max_context` sizes the thinker's KV cache (allocated once, default 4096 tokens, at most the model's
-        limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it.
+        limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it;
+        `prefill_chunk` feeds long prompts to the ORT thinker in pieces of that many tokens (workspaces scale
+        with the piece, not the prompt; None: whole).
         With `memory_budget` ("6GB", "50%", bytes) only the pinned engines load now, the others on demand,
         and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
         """
@@ -141,14 +146,31 @@ class Omni:
             from omniedge.runtime.budget import load_with_budget
 
             return load_with_budget(
-                cls, m, tokenizer, embed, engines, memory_budget, pin, max_context, max_queue
+                cls,
+                m,
+                tokenizer,
+                embed,
+                engines,
+                memory_budget,
+                pin,
+                max_context,
+                max_queue,
+                prefill_chunk=prefill_chunk,
             )
         load_seconds: dict[str, float] = {}
         for name, eng in engines.items():
             t0 = time.perf_counter()
             eng.load()
             load_seconds[name] = time.perf_counter() - t0
-        omni = cls(m, tokenizer, embed, engines, max_context=max_context, max_queue=max_queue)
+        omni = cls(
+            m,
+            tokenizer,
+            embed,
+            engines,
+            max_context=max_context,
+            max_queue=max_queue,
+            prefill_chunk=prefill_chunk,
+        )
         omni.load_seconds = load_seconds
         return omni
 
@@ -156,7 +178,9 @@ class Omni:
     def thinker(self) -> Any:
         """The thinker's runner (its KV cache allocated for `max_context`); made again after `close`."""
         if self._thinker is None:
-            self._thinker = make_thinker(self.manifest, self.engines["thinker"], self.max_context)
+            self._thinker = make_thinker(
+                self.manifest, self.engines["thinker"], self.max_context, self.prefill_chunk
+            )
         return self._thinker
 
     def close(self) -> None:

@@ -134,6 +134,7 @@ def load_with_budget(
     max_queue: int | None = None,
     headroom: int = DEFAULT_HEADROOM,
     meter: MemoryMeter | None = None,
+    prefill_chunk: int | None = None,
 ) -> Omni:
     """An Omni whose engines run through a Scheduler; BudgetError at once when the budget cannot work."""
     providers = _providers(backends)
@@ -146,7 +147,9 @@ def load_with_budget(
     plan, store = plan_for(m, budget, list(backends), providers, meter, base, pins, max_context, headroom)
     scheduler = Scheduler(backends, plan, meter, store)
     if _needs_probe(plan):
-        probe = cls(m, tokenizer, embed, scheduler.engines, max_context=plan.max_context)
+        probe = cls(
+            m, tokenizer, embed, scheduler.engines, max_context=plan.max_context, prefill_chunk=prefill_chunk
+        )
         probe.scheduler = scheduler  # its runs (the thinker's prefill too) go through the scheduler
         _probe(probe)
         del probe
@@ -159,7 +162,13 @@ def load_with_budget(
         m, plan.budget, base, scheduler.costs, pins, max_context, headroom, meter.kind, plan.arenas
     )
     omni = cls(
-        m, tokenizer, embed, scheduler.engines, max_context=scheduler.plan.max_context, max_queue=max_queue
+        m,
+        tokenizer,
+        embed,
+        scheduler.engines,
+        max_context=scheduler.plan.max_context,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
     )
     omni.scheduler = scheduler
     return omni

@@ -27,6 +27,7 @@ def serve_cli(
     max_context: int | None = None,
     max_queue: int = 16,
     max_request_bytes: int | None = None,
+    prefill_chunk: int | None = None,
     media_roots: Sequence[Path] = (),
     providers: str | None = None,
     model_name: str | None = None,
@@ -63,6 +64,7 @@ def serve_cli(
         memory_budget=memory_budget,
         pin=tuple(pin),
         max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
     )
     name = model_name or omni.manifest.model_name
     if omni.scheduler is not None:

@@ -64,6 +64,7 @@ class OrtThinker:
         max_context: int,
         cuda_graph: bool = False,
         warm_up: bool = True,
+        prefill_chunk: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -74,6 +75,11 @@ class OrtThinker:
         self.hidden, self.num_deepstack, self.rope = hidden, num_deepstack, rope
         self.max_context = int(max_context)
         self.cuda_graph = cuda_graph
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise OmniedgeError(
+                f"prefill_chunk is {prefill_chunk}", "pass a positive number of tokens, or None"
+            )
+        self.prefill_chunk = prefill_chunk
         self.num_layers = num_layers
         kv_shape = [1, num_kv_heads, self.max_context, head_dim]
         # The KV cache: one buffer per layer and kind, past and present bound to it.
@@ -169,30 +175,55 @@ class OrtThinker:
     def prefill(
         self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
     ) -> StepOutput:
-        """A new request: `inputs_embeds` [1, seq, H], M-RoPE `positions` [3, seq]; the cache starts empty."""
+        """A new request: `inputs_embeds` [1, seq, H], M-RoPE `positions` [3, seq]; the cache starts empty.
+
+        With `prefill_chunk` set, the prompt goes through in pieces of at most that many tokens, each attending
+        to the cache the earlier ones wrote (GroupQueryAttention's past + new tokens): a prefill's workspaces
+        then scale with the chunk, not the prompt. The last piece's logits are the prompt's."""
         seq = int(inputs_embeds.shape[1])
         if seq < 1 or seq > self.max_context:
             raise OmniedgeError(
                 f"the prompt is {seq} tokens; this thinker's context is {self.max_context}",
                 "shorten the prompt or load with a larger max_context",
             )
+        if self.num_deepstack and deepstack is None:
+            deepstack = np.zeros((self.num_deepstack, 1, seq, self.hidden), self.dtype)
         cos, sin = self.rope.rows(positions)
+        step = self.prefill_chunk or seq
+        out: StepOutput | None = None
+        for start in range(0, seq, step):
+            end = min(seq, start + step)
+            out = self._prefill_piece(
+                inputs_embeds[:, start:end],
+                None if deepstack is None else deepstack[:, :, start:end],
+                cos[:end],  # GroupQueryAttention wants table rows for every position up to the piece's end
+                sin[:end],
+                start,
+            )
+        self.cache_len = seq
+        assert out is not None
+        return out
+
+    def _prefill_piece(
+        self, embeds: np.ndarray, deepstack: np.ndarray | None, cos: np.ndarray, sin: np.ndarray, past: int
+    ) -> StepOutput:
+        """Tokens past..past+n-1 of a prompt, the first `past` already in the cache; `cos`/`sin` are the
+        prompt's rotary rows 0..past+n-1, of which these tokens take the last n."""
+        n = int(embeds.shape[1])
         io = self.session.io_binding()
         self._bind_common(io)
-        io.bind_ortvalue_input("inputs_embeds", self._value(inputs_embeds.astype(self.dtype)))
+        io.bind_ortvalue_input("inputs_embeds", self._value(embeds.astype(self.dtype)))
         if self.num_deepstack:
-            ds = deepstack if deepstack is not None else np.zeros((self.num_deepstack, 1, seq, self.hidden))
-            io.bind_ortvalue_input("deepstack_embeds", self._value(ds.astype(self.dtype)))
-        io.bind_ortvalue_input("position_ids", self._value(np.arange(seq, dtype=np.int64)[None]))
+            io.bind_ortvalue_input("deepstack_embeds", self._value(np.asarray(deepstack).astype(self.dtype)))
+        rows = np.arange(past, past + n, dtype=np.int64)[None]
+        io.bind_ortvalue_input("position_ids", self._value(rows))  # rows of the tables below
         io.bind_ortvalue_input("cos_cache", self._value(cos.astype(self.dtype)))
         io.bind_ortvalue_input("sin_cache", self._value(sin.astype(self.dtype)))
-        io.bind_ortvalue_input("seqlens_k", self._value(np.array([seq - 1], np.int32)))
+        io.bind_ortvalue_input("seqlens_k", self._value(np.array([past + n - 1], np.int32)))
         io.bind_ortvalue_input(
-            "total_sequence_length", self._ort.OrtValue.ortvalue_from_numpy(np.array(seq, np.int32))
+            "total_sequence_length", self._ort.OrtValue.ortvalue_from_numpy(np.array(past + n, np.int32))
         )
-        out = self._run(io, self._prefill_opts)
-        self.cache_len = seq
-        return out
+        return self._run(io, self._prefill_opts)
 
     def decode(self, embed_row: np.ndarray, position: int) -> StepOutput:
         """One token after the cached ones; `position` is its (plain) rotary position."""
@@ -211,13 +242,18 @@ class OrtThinker:
         return out
 
 
-def make_thinker(manifest: Any, backend: Any, max_context: int) -> Any:
+def make_thinker(manifest: Any, backend: Any, max_context: int, prefill_chunk: int | None = None) -> Any:
     """The runner for the bundle's thinker flavour: `OrtThinker` (device-resident cache) or the portable
     `NumpyCacheThinker`. Refuses a bundle whose graph needs an execution provider this session lacks."""
     from omniedge.runtime.generate import NumpyCacheThinker
 
     g, t = manifest.thinker, manifest.text
     if g.flavour == "portable":
+        if prefill_chunk is not None:
+            raise OmniedgeError(
+                "prefill_chunk needs the ort thinker flavour (the portable graph takes a whole prompt)",
+                "drop prefill_chunk, or export with --flavour ort",
+            )
         return NumpyCacheThinker(backend, t.num_layers, t.num_kv_heads, t.head_dim, max_context)
     missing = [p for p in g.providers if p not in backend.providers]
     if missing:
@@ -246,4 +282,5 @@ def make_thinker(manifest: Any, backend: Any, max_context: int) -> Any:
         rope,
         max_context,
         cuda_graph=backend.cuda_graph,
+        prefill_chunk=prefill_chunk,
     )
