@@ -89,6 +89,7 @@ def test_default_yaml_is_the_builtin_default() -> None:
         copy.deepcopy(DEFAULT_RECIPE)
     )
     r = load_recipe(None)
+    assert r["calibration"]["source"] == "pack" and r["calibration"]["path"] is None  # the shipped pack
     assert [next(iter(s)) for s in r["stages"]] == ["prune", "quantize"]
     assert r["stages"][0]["prune"]["keep_ratio"] == 0.75 and r["stages"][0]["prune"]["method"] == "reap"
     assert r["stages"][1]["quantize"]["group_size"] == 128
@@ -143,7 +144,7 @@ def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> 
         ({"stages": [], "speed": "fast"}, "unknown field"),
         ({"stages": [], "measure": {"texts": 0, "images": 0, "audios": 0}}, "no held-out"),
         ({"stages": [], "output": {"text_only": False}}, "talker"),
-        ({"stages": [], "calibration": {"source": "pack"}}, "needs the pack"),
+        ({"stages": [], "calibration": {"source": "pack", "path": ""}}, "not a path"),
         ({"stages": [{"quantize": {"method": "gptq-someday"}}]}, "method"),
         (["prune"], "expected a mapping"),
     ],
@@ -357,7 +358,8 @@ def test_default_recipe_stays_close_to_teacher(home: Path, tiny: Path, tmp_path:
     assert [s["name"] for s in meta["stages"]] == ["prune", "quantize"]
     assert meta["stages"][0]["result"]["experts_after"] == 6
     cal = meta["calibration"]
-    assert cal["requests_by_kind"] == {"text": 16, "image": 8, "audio": 8}
+    assert cal["requests_by_kind"] == {"text": 64, "image": 32, "audio": 32}  # the shipped pack, 128 requests
+    assert cal["source"] == "pack" and meta["recipe"]["calibration"]["path"] is None
     assert all(cal["tokens"][m] > 0 for m in ("text", "image", "audio"))
     assert (
         meta["source"]["files"]["model.safetensors"]

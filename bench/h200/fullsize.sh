@@ -16,7 +16,7 @@ for stage in "$@"; do
     wheels)  # espeakng-loader (speech for calibration), English data only, carried as .whl/espeakng_loader-en.tar.xz
       python3 -c "import tarfile; tarfile.open('.whl/espeakng_loader-en.tar.xz').extractall('/root/site')" &&
         python3 -c "from omniedge.data import espeak; print('espeak-ng in process:', espeak.available())" &&
-        python3 -c "import json; from omniedge.data.scenes import load_photo as L; p=json.load(open('recipes/calibration-pack/pack.json'));
+        python3 -c "import json; from omniedge.data.scenes import load_photo as L; p=json.load(open('omniedge/compress/calibration-pack/pack.json'));
 n=sorted({e['image']['photo'] for s in p['splits'].values() for e in s if e['kind']=='image' and 'photo' in e['image']}); [L(x) for x in n]; print('photos ok', len(n))" ;;
     chunk)  # one chunk of the onnxruntime-gpu wheel, joined by install-ort
       mkdir -p /root/acc && cp .gpuwheels/part* /root/acc/ && ls /root/acc ;;

@@ -1,13 +1,14 @@
 """Calibration packs: real text, photos and speech for calibrating a real model, in a directory of a few MB.
 
 A pack is `pack.json` (plus optional media files beside it). Built once where the project's text corpora
-can be fetched (`python -m omniedge.compress.calibration_pack build DIR`), it travels with the repository
-(`recipes/calibration-pack/`) to machines that cannot fetch anything: text is stored as text; photos are
+can be fetched (`python -m omniedge.compress.calibration_pack build DIR`), the project's pack ships inside
+the package (`omniedge/compress/calibration-pack/`, 1.7 MB) to machines that cannot fetch anything: text is stored as text; photos are
 named crops of scikit-image's bundled photos and rendered scenes (made again from their seeds); speech is
 a (sentence, voice, noise seed) that `omniedge.data.speech.synthesize` speaks at compress time. Entries may
 also point at files inside the pack (`{"file": "images/x.png"}`, `{"file": "audio/x.wav"}`).
 
-Recipe: `calibration: {source: pack, path: <pack dir, relative to the recipe file>}`. Two splits:
+Recipe: `calibration: {source: pack}` (the shipped pack; the default recipe's) or `{source: pack, path: <pack dir,
+relative to the recipe file>}`. Two splits:
 `calibration` (activations and statistics) and `heldout` (quality after each stage, never calibrated on).
 """
 
@@ -24,6 +25,7 @@ from omniedge.compress.calibration import MODALITIES, SAMPLE_RATE, SPLITS, Reque
 from omniedge.errors import OmniedgeError
 
 PACK_FILE = "pack.json"
+DEFAULT_PACK = Path(__file__).with_name("calibration-pack")  # the project's pack, package data
 FORMAT = "omniedge-calibration-pack"
 VERSION = 1
 ASR_PROMPT = "Transcribe the audio."
@@ -88,10 +90,9 @@ def _audio(entry: dict[str, Any], root: Path) -> np.ndarray:
 def pack_requests(
     kind: str, n: int, settings: dict[str, Any], rng: np.random.Generator, split: str
 ) -> list[Request]:
-    """The first `n` requests of one modality and split of the pack at `settings["path"]`."""
-    if not settings.get("path"):
-        raise OmniedgeError("calibration.source pack needs calibration.path", "give the pack directory")
-    root = Path(settings["path"])
+    """The first `n` requests of one modality and split of the pack at `settings["path"]` (default: the
+    shipped pack)."""
+    root = Path(settings["path"]) if settings.get("path") else DEFAULT_PACK
     entries = [e for e in read_pack(root)["splits"].get(split, []) if e["kind"] == kind]
     if len(entries) < n:
         raise OmniedgeError(

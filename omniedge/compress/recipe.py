@@ -24,12 +24,12 @@ DEFAULT_RECIPE: dict[str, Any] = {
         {"prune": {"method": "reap", "keep_ratio": 0.75, "weighting": "token"}},
         {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "targets": ["attention", "experts"]}},
     ],
-    "calibration": {"samples": 32, "max_tokens": 256, "seed": 0},
+    "calibration": {"source": "pack", "samples": 128, "max_tokens": 256, "seed": 0, "image_size": 128},
 }
 
 CALIBRATION_DEFAULTS: dict[str, Any] = {
     "source": "builtin",
-    "path": None,  # the calibration pack directory (source: pack); relative to the recipe file
+    "path": None,  # a calibration pack directory (source: pack; relative to the recipe file); None: the shipped one
     "samples": 32,
     "max_tokens": 256,
     "seed": 0,
@@ -111,8 +111,6 @@ def _calibration(c: Any) -> dict[str, Any]:
         raise recipe_error(
             f"{where}.path", f"{out['path']!r} is not a path", "give the calibration pack directory"
         )
-    if out["source"] == "pack" and out["path"] is None:
-        raise recipe_error(f"{where}.path", "source `pack` needs the pack's directory", "add path: <dir>")
     out["samples"] = as_int(out["samples"], f"{where}.samples")
     out["max_tokens"] = as_int(out["max_tokens"], f"{where}.max_tokens", lo=8)
     out["seed"] = as_int(out["seed"], f"{where}.seed", lo=0)
