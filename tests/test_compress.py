@@ -132,7 +132,7 @@ def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> 
         ({"stages": [{"prune": {"budget": "greedy"}}]}, "budget"),
         ({"stages": [{"prune": {"weighting": {"smell": 1.0}}}]}, "weighting"),
         ({"stages": [{"prune": {"multiple_of": 0}}]}, "multiple_of"),
-        ({"stages": [{"quantize": {"targets": ["lm_head"]}}]}, "targets"),
+        ({"stages": [{"quantize": {"targets": ["embeddings"]}}]}, "targets"),
         ({"stages": [{"quantize": {}}, {"prune": {}}]}, "last stage"),
         ({"stages": [{"prune": {}}, {"prune": {}}]}, "twice"),
         ({"stages": [{"prune": {"keep_ratio": 0.5, "colour": 1}}]}, "unknown field"),

@@ -281,3 +281,48 @@ def test_prefill_chunk_must_be_positive(odd: dict[str, Any]) -> None:
 
     with pytest.raises(OmniedgeError, match="prefill_chunk"):
         Omni.load(odd["fp32"], prefill_chunk=0)
+
+
+def test_an_int4_lm_head_is_stored_packed_reloads_and_exports(tmp_path: Path) -> None:
+    """`targets: [attention, experts, lm_head]`: the head is packed INT4 (no float copy), only the quantize
+    stage is scored with it, transformers reloads it as an INT4 Linear, and both exported flavours answer
+    with transformers' greedy tokens on that checkpoint."""
+    import json
+
+    from safetensors import safe_open
+
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress.pipeline import compress
+    from omniedge.compress.recipe import default_recipe
+    from omniedge.export.bundle import export_bundle
+    from omniedge.int4_modules import Int4Linear
+    from omniedge.runtime.app import Omni
+
+    src = _odd_checkpoint(tmp_path / "src")
+    recipe = default_recipe()
+    recipe["stages"] = [{"quantize": {"method": "gptq", "targets": ["attention", "experts", "lm_head"]}}]
+    recipe["calibration"].update(samples=8, max_tokens=96, image_size=64, audio_seconds=1.0)
+    ckpt = compress(src, tmp_path / "int4", recipe, progress=False)
+    cfg = json.loads((ckpt / "config.json").read_text())["omniedge_quantization"]
+    assert "thinker.lm_head.weight" in cfg["modules"]
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert "thinker.lm_head.weight" not in set(f.keys())  # no float copy
+    meta = json.loads((ckpt / "omniedge.json").read_text())
+    assert meta["stages"][0]["result"]["lm_head_method"] == "rtn"  # GPTQ has no calibration inputs for it
+    model = load_checkpoint(ckpt)[0]
+    assert isinstance(model.thinker.lm_head, Int4Linear)
+    for flavour in ("ort", "portable"):
+        bundle = export_bundle(ckpt, tmp_path / flavour, flavour=flavour, progress=False)
+        with Omni.load(bundle) as omni:
+            prompt = omni.preprocess(PROMPT)
+            got = omni.chat(PROMPT, max_new_tokens=NEW).token_ids
+        ref, _, _ = hf_greedy(model, prompt, omni.manifest.eos_token_ids, NEW)
+        assert got == ref, flavour
+    import onnx
+
+    heads = [
+        n
+        for n in onnx.load(str(tmp_path / "ort" / "thinker.onnx"), load_external_data=False).graph.node
+        if n.name == "lm_head"
+    ]
+    assert heads and heads[0].op_type == "MatMulNBits"

@@ -35,10 +35,15 @@ def _summary(kl: list[torch.Tensor], agree: list[torch.Tensor], nll: list[torch.
 
 
 def score_streams(
-    logits: Any, samples: list[Sample], streams: dict[str, list[torch.Tensor]]
+    logits: Any,
+    samples: list[Sample],
+    streams: dict[str, list[torch.Tensor]],
+    head_of: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{stream: {"kl", "top1", "ppl", "tokens", "by_modality": {kind: {...}}}} against the "teacher"
-    stream; `logits(hidden [1, S, H])` -> [S, vocab] float32 is the final norm + lm_head."""
+    stream; `logits(hidden [1, S, H])` -> [S, vocab] float32 is the final norm + lm_head; `head_of` gives a
+    stream its own (an INT4 lm_head for the stages from the quantize stage on)."""
+    head_of = head_of or {}
     students = [k for k in streams if k != "teacher"]
     acc: dict[str, dict[str, tuple[list[torch.Tensor], ...]]] = {k: {} for k in ("teacher", *students)}
     for i, s in enumerate(samples):
@@ -50,7 +55,8 @@ def score_streams(
         p_t = t.exp()
         target = target.to(t.device)
         for k in ("teacher", *students):
-            st = t if k == "teacher" else torch.log_softmax(logits(streams[k][i])[pos.to(t.device)], dim=-1)
+            f = head_of.get(k, logits)
+            st = t if k == "teacher" else torch.log_softmax(f(streams[k][i])[pos.to(t.device)], dim=-1)
             kl = (p_t * (t - st)).sum(-1) if k != "teacher" else torch.zeros(len(pos), device=t.device)
             agree = (t.argmax(-1) == st.argmax(-1)).float()
             nll = -st.gather(-1, target[:, None])[:, 0]

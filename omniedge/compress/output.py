@@ -59,8 +59,12 @@ def expected_bytes(sk: ThinkerSkeleton, stages: list[Any], dtype: torch.dtype) -
                 total += _int4_bytes(shape, quant.settings.group_size, quant.settings.symmetric)
             else:
                 total += math.prod(shape) * size
+    head_int4 = quant is not None and "lm_head" in quant.settings.targets
     for name, p in sk.model.named_parameters():
-        if not canonical_name(name).startswith("thinker.model.layers."):
+        cname = canonical_name(name)
+        if cname == "thinker.lm_head.weight" and head_int4 and quant is not None:
+            total += _int4_bytes(tuple(p.shape), quant.settings.group_size, quant.settings.symmetric)
+        elif not cname.startswith("thinker.model.layers."):
             total += p.numel() * size
     return total
 
@@ -153,6 +157,13 @@ class CheckpointWriter:
                         self._float(f"{prefix}.{e}.up_proj.weight", up)
             else:
                 self._float(name, params[local])
+
+    def add_packed(self, name: str, packed: Any) -> None:
+        """One quantized weight outside the decoder layers (the lm_head): its packed INT4 tensors."""
+        for key, t in packed.tensors(name).items():
+            self._count(name, "int4", t)
+            self.int4.add(key, t)
+        self.int4_count += 1
 
     def close(self) -> dict[str, list[str]]:
         out = {"model": self.floats.close()}

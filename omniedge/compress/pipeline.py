@@ -256,8 +256,22 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         with meter.phase("score"):
             sk.load_head()
             writer.add_module(sk, sk.parts.text_model.norm)
-            writer.add_module(sk, sk.parts.lm_head)
-            measured = score_streams(sk.logits, heldout, streams.heldout)
+            head_logits = {}
+            if quant is not None and "lm_head" in quant.settings.targets:
+                name = "thinker.lm_head.weight"
+                packed, w_hat = quant.quantize_head(name, sk.parts.lm_head.weight)
+                writer.add_packed(name, packed)
+                norm = sk.parts.text_model.norm
+
+                def int4_head(hidden: torch.Tensor) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return torch.nn.functional.linear(norm(hidden), w_hat)[0].float()
+
+                later = [st.name for st in stages[stages.index(quant) :]]  # scored with the INT4 head
+                head_logits = dict.fromkeys(later, int4_head)
+            else:
+                writer.add_module(sk, sk.parts.lm_head)
+            measured = score_streams(sk.logits, heldout, streams.heldout, head_logits)
         with meter.phase("finish"):
             files = writer.close()
             config = output_config(src.config, stages, files.get("int4"), dtype)

@@ -9,7 +9,9 @@ expert's gate_up_proj; each expert's down_proj):
   packed = quantizer.quantize(weight, stats)
 then the layer computes on with the dequantized weights (gpt-fast's `convert_for_runtime`), so quality is
 measured on exactly the numbers the exported graphs run; the packed tensors go to int4.safetensors.
-Routers, norms and embeddings stay float; lm_head and the encoders are not quantized (yet).
+Routers, norms, embeddings and the encoders stay float; the lm_head is quantized when `targets` names
+`lm_head` (after the layers, with the stage's quantizer when it needs no calibration inputs, else RTN: no
+calibration activations are kept for it), and only the stages from this one on are scored with it.
 
 Reconstruction error (the report): per weight, sum ||(W - W_hat) x||^2 / sum ||W x||^2 over a seeded
 sample of `samples` calibration rows (per expert for the fused experts), the same rows for every method.
@@ -42,7 +44,8 @@ from omniedge.errors import OmniedgeError
 INT4_PREFIX = "int4"  # int4.safetensors (or int4-0000i-of-0000n.safetensors + int4.safetensors.index.json)
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # fused [E, N, K]: gate_up [E, 2I, H], down [E, H, I]
-TARGETS = ("attention", "experts")
+TARGETS = ("attention", "experts")  # the default targets
+ALL_TARGETS = (*TARGETS, "lm_head")
 COMMON = ("method", "bits", "group_size", "symmetric", "targets", "samples")
 
 
@@ -81,7 +84,7 @@ class QuantizeSettings:
                 f"{where}.targets", f"{targets!r} is not a non-empty list", f"e.g. {list(TARGETS)}"
             )
         for t in targets:
-            as_choice(t, f"{where}.targets", TARGETS)
+            as_choice(t, f"{where}.targets", ALL_TARGETS)
         samples = as_int(d.pop("samples", 128), f"{where}.samples", lo=0)
         cls_ = QUANTIZERS[method]
         own = {f.name for f in dataclasses.fields(cls_)} - {"group_size", "symmetric"}
@@ -141,6 +144,28 @@ class QuantizeStage(Stage):
         self.bytes = 0
         self.fallback = 0
         self.errors: dict[str, list[float]] = {}
+        self.head_method: str | None = None
+
+    def quantize_head(self, name: str, weight: torch.Tensor) -> tuple[Packed, torch.Tensor]:
+        """The lm_head `weight` [vocab, hidden] as INT4: (packed, dequantized weight). Its quantizer is the
+        stage's when that needs no calibration inputs, else RTN with the same group and symmetry."""
+        q = self.quantizer
+        if q.needs_hessian or q.needs_samples:
+            q = make_quantizer("rtn", group_size=self.settings.group_size, symmetric=self.settings.symmetric)
+            self.head_method = "rtn"
+        else:
+            self.head_method = self.settings.method
+        packed = q.quantize(weight.detach(), None)
+        kept = Packed(
+            packed.qweight.cpu(),
+            packed.scales.cpu(),
+            None if packed.zero_points is None else packed.zero_points.cpu(),
+            packed.k,
+            packed.fallback,
+        )
+        self.in_features[name] = packed.k
+        self.bytes += sum(t.numel() * t.element_size() for t in kept.tensors(name).values())
+        return kept, packed.dequantize().to(device=weight.device, dtype=weight.dtype)
 
     def check_calibration(self, tokens: int, widths: dict[str, int]) -> None:
         """Before the long work: GPTQ needs as many calibration tokens as a Linear has inputs."""
@@ -268,6 +293,7 @@ class QuantizeStage(Stage):
     def result(self) -> dict[str, Any]:
         return {
             "modules": len(self.in_features),
+            **({"lm_head_method": self.head_method} if self.head_method else {}),
             "int4_bytes": self.bytes,
             "fallback_experts": self.fallback,
             "mean_error": {k: round(sum(v) / len(v), 8) for k, v in sorted(self.errors.items())},
