@@ -128,6 +128,16 @@ def test_modality_weighting_protects_experts_only_audio_uses() -> None:
         scores(stats, "magnitude")
 
 
+def test_max_weighting_keeps_the_experts_one_modality_relies_on() -> None:
+    """Text and images share experts 0-3, audio needs 4-6: the modality vote averages audio's experts
+    below the shared ones and drops them all; `max` keeps each as high as the modality that needs it."""
+    stats = _routed({TEXT: (1000, [0, 1, 2, 3]), IMAGE: (500, [0, 1, 2, 3]), AUDIO: (30, [4, 5, 6])})
+    by_modality = set(budget.select(scores(stats, "frequency", "modality"), 4))
+    by_max = set(budget.select(scores(stats, "frequency", "max"), 4))
+    assert by_modality == {0, 1, 2, 3}
+    assert {4, 5, 6} <= by_max
+
+
 def test_random_control_is_seeded_per_layer() -> None:
     a, b = _routed({TEXT: (10, [0, 1])}), _routed({TEXT: (99, [2, 3, 4])})
     assert torch.equal(scores(a, "random", seed=7), scores(b, "random", seed=7))

@@ -55,7 +55,7 @@ SALIENCIES: dict[str, ScoreFn] = {
     "contribution": contribution,
 }
 RANDOM = "random"  # the seeded control: uniform scores, independent of the statistics
-WEIGHTINGS = ("modality", "token")
+WEIGHTINGS = ("modality", "token", "max")
 
 
 def register_saliency(name: str, fn: ScoreFn) -> None:
@@ -110,8 +110,10 @@ def scores(
 
     weighting: `token` pools every token (REAP as published); `modality` gives each modality calibration
     reached an equal vote, each modality's scores first normalised to sum to 1 so one with many tokens
-    or larger activations does not drown the others; a mapping {modality: weight} votes with those
-    weights (every modality it weights must have been seen)."""
+    or larger activations does not drown the others; `max` keeps an expert as high as the modality that
+    needs it most (each modality's normalised scores, the largest of them: an expert one modality relies on
+    is not outvoted by the others); a mapping {modality: weight} votes with those weights (every modality
+    it weights must have been seen)."""
     if method == RANDOM:
         return _random(stats, seed)
     fn = _fn(method)
@@ -122,7 +124,7 @@ def scores(
     if weighting == "token":
         return fn(stats.pooled()).cpu()
     seen = {m: i for i, m in enumerate(MODALITIES) if int(stats.tokens[i]) > 0}
-    if weighting == "modality":
+    if weighting in ("modality", "max"):
         votes = dict.fromkeys(seen, 1.0)
     else:
         votes = {m: float(w) for m, w in check_weighting(weighting).items() if w > 0}  # type: ignore[union-attr]
@@ -133,6 +135,10 @@ def scores(
                 f"weight only {sorted(seen)}, or calibrate on the missing modality",
             )
     per = fn(stats.per_modality()).cpu()
+    tiny = torch.finfo(torch.float64).tiny
+    if weighting == "max":
+        shares = [per[seen[m]] / per[seen[m]].sum().clamp_min(tiny) for m in votes]
+        return torch.stack(shares).amax(dim=0).to(torch.float64)
     total = sum(votes.values())
     out = torch.zeros(stats.num_experts, dtype=torch.float64)
     for m, w in votes.items():
