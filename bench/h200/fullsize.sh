@@ -57,6 +57,13 @@ EOF
       timeout 400 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
         --only "runtime defaults" "prompts in 512-token pieces" "prompts in 1024-token pieces" \
         --json $OUT/sweep-chunked.json 2>&1 | grep -v Warn ;;
+    head-int4)  # the same model with an INT4 lm_head (quantize target lm_head): compress, export, decode report
+      sed 's/targets: \[attention, experts\]/targets: [attention, experts, lm_head]/' \
+        recipes/qwen3-omni-30b-prune50-int4.yaml > $W/recipe-head.yaml && grep -q lm_head $W/recipe-head.yaml || exit 3
+      timeout 200 python3 -m omniedge compress full -o $W/full-int4-head --recipe $W/recipe-head.yaml 2>&1 | tail -3
+      timeout 200 python3 -m omniedge export $W/full-int4-head -o $W/full-bundle-head --device cuda 2>&1 | tail -1
+      timeout 180 python3 -m omniedge.bench.thinker_report $W/full-bundle-head --providers cuda --contexts 512 4096 \
+        --new-tokens 128 --runs 3 --json $OUT/full-report-head.json 2>&1 | grep -v Warn | tail -8 ;;
     final)  # the report with the settings the sweep's rule picks (pick_settings.py), then omni-mini parity
       pick=$(python3 bench/h200/pick_settings.py $OUT/sweep.json 2>/dev/null || true); echo "picked: ${pick:-runtime defaults}"
       echo "$pick" > $OUT/picked.txt
