@@ -38,7 +38,6 @@ def probe(
     new_tokens: int,
     runs: int,
     cuda_graph: bool = True,
-    shrink: bool = False,
     prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     import numpy as np
@@ -59,17 +58,6 @@ def probe(
     runner = make_thinker(m, backend, max(contexts) + new_tokens + 8, prefill_chunk)  # on CUDA: the warm-up
     init_s = time.perf_counter() - t0
     used_loaded = gpu_used_bytes()
-    if shrink:  # one prefill that hands the device arena's unused regions back (what load left behind)
-        import onnxruntime as ort
-
-        opts = ort.RunOptions()
-        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
-        if cuda_graph:
-            opts.add_run_config_entry("gpu_graph_id", "-1")
-        kept, runner._prefill_opts = runner._prefill_opts, opts
-        h = m.text.hidden_size
-        runner.prefill(np.zeros((1, 8, h), np.float32), np.zeros((3, 8), np.int64), None)
-        runner._prefill_opts = kept
     table = np.load(m.embed_file, mmap_mode="r")
     omni = SimpleNamespace(thinker=runner, embed_table=table, manifest=m)
     out: dict[str, Any] = {
@@ -134,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--no-cuda-graph", action="store_true")
-    p.add_argument("--shrink", action="store_true", help="hand the arena's unused regions back after load")
     p.add_argument("--prefill-chunk", type=int, help="prompt pieces of this many tokens (default: whole)")
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
@@ -145,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         a.new_tokens,
         a.runs,
         not a.no_cuda_graph,
-        a.shrink,
         a.prefill_chunk,
     )
     from omniedge.atomic import atomic_write_json

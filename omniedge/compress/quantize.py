@@ -156,6 +156,11 @@ class QuantizeStage(Stage):
         else:
             self.head_method = self.settings.method
         packed = q.quantize(weight.detach(), None)
+        kept = self._keep(name, packed)
+        return kept, packed.dequantize().to(device=weight.device, dtype=weight.dtype)
+
+    def _keep(self, name: str, packed: Packed) -> Packed:
+        """`packed` on the CPU (what the writer stores), counted in the config's modules and the bytes."""
         kept = Packed(
             packed.qweight.cpu(),
             packed.scales.cpu(),
@@ -165,7 +170,7 @@ class QuantizeStage(Stage):
         )
         self.in_features[name] = packed.k
         self.bytes += sum(t.numel() * t.element_size() for t in kept.tensors(name).values())
-        return kept, packed.dequantize().to(device=weight.device, dtype=weight.dtype)
+        return kept
 
     def check_calibration(self, tokens: int, widths: dict[str, int]) -> None:
         """Before the long work: GPTQ needs as many calibration tokens as a Linear has inputs."""
@@ -263,15 +268,7 @@ class QuantizeStage(Stage):
         with torch.no_grad():
             p.copy_(w_hat.to(p.dtype))
         name = work.prefix + local
-        work.packed[name] = Packed(
-            packed.qweight.cpu(),
-            packed.scales.cpu(),
-            None if packed.zero_points is None else packed.zero_points.cpu(),
-            packed.k,
-            packed.fallback,
-        )
-        self.in_features[name] = packed.k
-        self.bytes += sum(t.numel() * t.element_size() for t in work.packed[name].tensors(name).values())
+        work.packed[name] = self._keep(name, packed)
         self.fallback += packed.fallback
         report[local] = entry
 
