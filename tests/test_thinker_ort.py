@@ -326,3 +326,22 @@ def test_an_int4_lm_head_is_stored_packed_reloads_and_exports(tmp_path: Path) ->
         if n.name == "lm_head"
     ]
     assert heads and heads[0].op_type == "MatMulNBits"
+
+
+def test_runners_on_one_session_get_their_own_decode_graph(odd: dict[str, Any]) -> None:
+    """Each runner made on a session binds its own buffers, so each gets its own CUDA-graph id (a second
+    runner replaying the first one's graph would read the first one's buffers); a new session starts over.
+    The warm-up is a GPU matter: never on the CPU."""
+    from omniedge.runtime.backends import OrtBackend
+    from omniedge.runtime.manifest import load_manifest
+    from omniedge.runtime.thinker_ort import make_thinker
+
+    m = load_manifest(odd["fp32"])
+    backend = OrtBackend("thinker", m.components["thinker"].onnx)
+    backend.load()
+    first, second = make_thinker(m, backend, 64), make_thinker(m, backend, 64)
+    assert (first.graph_id, second.graph_id) == (1, 2)
+    assert not first.warm_up_at_load and not second.warm_up_at_load
+    backend.unload()
+    backend.load()
+    assert make_thinker(m, backend, 64).graph_id == 1

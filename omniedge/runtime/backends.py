@@ -137,6 +137,9 @@ class OrtBackend:
         self.cpu_arena = cpu_arena
         self._session: Any = None
         self._inputs: dict[str, tuple[Any, type]] = {}
+        self.cuda_settings: dict[str, str] = {}  # what a CUDA session was made with (runtime/ort_cuda.py)
+        self._thinkers_made = 0  # per session: see next_thinker
+        self._warmed_context = 0
         self.load_seconds = 0.0
         self.load_rss_bytes = 0
         self.file_bytes = sum(p.stat().st_size for p in _weight_files(self.path) if p.is_file())
@@ -156,7 +159,6 @@ class OrtBackend:
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         opts.enable_cpu_mem_arena = self.cpu_arena
-        self.cuda_settings: dict[str, str] = {}
         if "CUDAExecutionProvider" in self.providers:
             from omniedge.runtime import ort_cuda
 
@@ -197,6 +199,18 @@ class OrtBackend:
 
     def unload(self) -> None:
         self._session = None
+        self._thinkers_made = self._warmed_context = 0  # a new session captures and warms up afresh
+
+    def next_thinker(self, max_context: int) -> tuple[int, bool]:
+        """For a thinker runner about to be made on this session (thinker_ort.make_thinker): its CUDA-graph
+        id (graph ids are session-wide and a new runner binds other buffers, so each gets its own) and
+        whether it must warm up (once per session and context on a GPU: the arena and the kernel tactics a
+        warm-up settles stay with the session)."""
+        self._thinkers_made += 1
+        warm = self.device != "cpu" and max_context > self._warmed_context
+        if warm:
+            self._warmed_context = max_context
+        return self._thinkers_made, warm
 
     def footprint_bytes(self) -> int:
         """Bytes this engine holds while loaded: measured RSS growth at load, at least its weight files."""

@@ -65,6 +65,7 @@ class OrtThinker:
         cuda_graph: bool = False,
         warm_up: bool = True,
         prefill_chunk: int | None = None,
+        graph_id: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -80,6 +81,7 @@ class OrtThinker:
                 f"prefill_chunk is {prefill_chunk}", "pass a positive number of tokens, or None"
             )
         self.prefill_chunk = prefill_chunk
+        self.graph_id = graph_id
         self.num_layers = num_layers
         kv_shape = [1, num_kv_heads, self.max_context, head_dim]
         # The KV cache: one buffer per layer and kind, past and present bound to it.
@@ -103,7 +105,8 @@ class OrtThinker:
         self._decode_opts = ort.RunOptions()
         self._prefill_opts = ort.RunOptions()
         if cuda_graph:
-            self._decode_opts.add_run_config_entry("gpu_graph_id", "1")
+            # one graph per runner: a second runner on the session binds other buffers (ids are session-wide)
+            self._decode_opts.add_run_config_entry("gpu_graph_id", str(graph_id))
             self._prefill_opts.add_run_config_entry("gpu_graph_id", "-1")
         self.cache_len = 0
         self.warm_up_at_load = warm_up
@@ -269,6 +272,7 @@ def make_thinker(manifest: Any, backend: Any, max_context: int, prefill_chunk: i
             stacklevel=2,
         )
     rope = RopeSpec(np.asarray(g.inv_freq, np.float32), np.asarray(g.rope_axis, np.int64), g.rope_scaling)
+    graph_id, warm = backend.next_thinker(max_context)
     return OrtThinker(
         backend.session,
         backend.device,
@@ -283,4 +287,6 @@ def make_thinker(manifest: Any, backend: Any, max_context: int, prefill_chunk: i
         max_context,
         cuda_graph=backend.cuda_graph,
         prefill_chunk=prefill_chunk,
+        warm_up=warm,
+        graph_id=graph_id,
     )
