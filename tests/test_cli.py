@@ -50,6 +50,23 @@ def test_installed_command_prints_help() -> None:
     assert r.returncode == 0 and "Traceback" not in r.stderr and "COMMAND" in r.stdout
 
 
+def test_the_console_script_prints_help() -> None:
+    """`omniedge --help` as a new user types it: the script pip installed, not `python -m`."""
+    import os
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    names = ["omniedge.exe", "omniedge"] if os.name == "nt" else ["omniedge"]
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    dirs.append(Path(sysconfig.get_path("scripts", f"{os.name}_user")))
+    found = [d / n for d in dirs for n in names if (d / n).is_file()]
+    script = str(found[0]) if found else shutil.which("omniedge")
+    assert script, "no `omniedge` script: install the package (README command 1) so pip writes it"
+    r = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("usage: omniedge")
+
+
 def test_unknown_option_is_a_usage_error() -> None:
     r = _cli("run", "--no-such-option")
     assert r.returncode == 2
