@@ -64,12 +64,10 @@ EOF
       timeout 200 python3 -m omniedge export $W/full-int4-head -o $W/full-bundle-head --device cuda 2>&1 | tail -1
       timeout 180 python3 -m omniedge.bench.thinker_report $W/full-bundle-head --providers cuda --contexts 512 4096 \
         --new-tokens 128 --runs 3 --json $OUT/full-report-head.json 2>&1 | grep -v Warn | tail -8 ;;
-    final)  # the report with the settings the sweep's rule picks (pick_settings.py), then omni-mini parity
-      pick=$(python3 bench/h200/pick_settings.py $OUT/sweep.json 2>/dev/null || true); echo "picked: ${pick:-runtime defaults}"
-      echo "$pick" > $OUT/picked.txt
-      timeout 300 env $pick python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
+    final)  # the report with the runtime's own settings (omniedge/runtime/ort_cuda.py), then omni-mini parity
+      timeout 300 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
         --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -14
-      timeout 100 env $pick python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda \
+      timeout 100 python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda \
         --json $OUT/parity.json 2>&1 | tail -3 ;;
     status)
       tail -c 600 $W/compress.log 2>/dev/null | tr '\r' '\n' | tail -4; cat $W/compress.rc 2>/dev/null; df -h $W | tail -1 ;;
