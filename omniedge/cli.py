@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
     )
     v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
-    v.add_argument("--suite", default="omni-mini", help="evaluation suite (default: omni-mini)")
+    v.add_argument("--suite", default="omni-mini", help="omni-mini (default), omni-mini-small, a data set directory, or a training pack (its test split if packed, else val)")
     v.add_argument("--compare", nargs=2, metavar=("TEACHER", "STUDENT"), help="print the retention table")
     v.add_argument("--json", type=Path, help="write every number as JSON")
     v.add_argument("--device", default="cpu", help="cpu or cuda")

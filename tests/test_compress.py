@@ -102,6 +102,13 @@ def test_30b_recipes_keep_64_and_77_of_128() -> None:
         r = load_recipe(DEFAULT_RECIPE_PATH.parent / name)
         assert uniform_budget(128, 8, r["stages"][0]["prune"]["keep_ratio"]) == keep
         assert r["dtype"] == "bfloat16"
+    plain, head = (
+        load_recipe(DEFAULT_RECIPE_PATH.parent / f"qwen3-omni-30b-prune50-int4{v}.yaml")
+        for v in ("", "-head")
+    )
+    assert head["stages"][1]["quantize"]["targets"] == [*plain["stages"][1]["quantize"]["targets"], "lm_head"]
+    head["stages"][1]["quantize"]["targets"] = plain["stages"][1]["quantize"]["targets"]
+    assert head == plain  # the -head recipe differs in its lm_head target only
 
 
 def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> None:

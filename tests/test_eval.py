@@ -249,3 +249,33 @@ def test_retention_sweep_names_are_recipes_the_validator_takes() -> None:
     for bad in ("p50-foo-global", "p150-reap-uniform", "p50-reap-sideways", "q-nf4"):
         with pytest.raises(OmniedgeError):
             recipe_of(bad)
+
+
+def test_a_training_pack_of_the_test_split_scores_as_the_data_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`omniedge eval --suite PACK` (a GPU machine has packs, not the data set): same examples, same scores
+    where features are not quantized (text, images); audio within the pack's mel quantization."""
+    from omniedge.eval.cli import eval_cli
+    from omniedge.models.tiny import build_tiny
+    from omniedge.training.pack import write_pack
+
+    monkeypatch.setenv("OMNIEDGE_HOME", str(tmp_path / "home"))
+    root = _toy_dataset(tmp_path / "ds")
+    _, tok = build_tiny()
+    pack = write_pack(
+        root,
+        tmp_path / "pack",
+        tok,
+        image_size=64,
+        splits=("train", "test"),
+        mel_levels=256,
+        speech_texts=False,
+    )
+    direct = eval_cli("tiny", suite=str(root))
+    packed = eval_cli("tiny", suite=str(pack))
+    assert packed["dataset"]["pack"] and packed["dataset"]["split"] == "test"
+    assert {t: r["n"] for t, r in packed["tasks"].items()} == {t: r["n"] for t, r in direct["tasks"].items()}
+    assert packed["tasks"]["text"]["value"] == pytest.approx(direct["tasks"]["text"]["value"], rel=1e-5)
+    assert packed["tasks"]["image"]["value"] == direct["tasks"]["image"]["value"]
+    assert packed["tasks"]["image"]["baseline"] == direct["tasks"]["image"]["baseline"]

@@ -94,6 +94,24 @@ def test_stream_utterances_vary_and_say_only_training_texts() -> None:
     assert va == vb and np.array_equal(a, b)  # deterministic for a seed
 
 
+def test_spoken_question_kinds_weighted_as_asked_and_bad_weights_named() -> None:
+    from omniedge.training.synth import mixed_kind_probabilities
+
+    kinds = ["where", "colour", "colour", "shape", "count", "where"]
+    assert mixed_kind_probabilities(kinds, None) is None  # uniform over rows, as without weights
+    p = mixed_kind_probabilities(kinds, {"where": 3})
+    assert p is not None and abs(p.sum() - 1) < 1e-12
+    np.testing.assert_allclose(p, np.array([3, 1, 1, 1, 1, 3]) / 10)  # unlisted kinds weigh 1
+    drawn = np.random.default_rng(0).choice(len(kinds), 6000, p=p)
+    share = np.isin(drawn, [0, 5]).mean()
+    assert abs(share - 6 / 10) < 0.03  # two rows of weight 3 among four of weight 1
+    with pytest.raises(OmniedgeError, match="kind 'describe' is not one of"):
+        mixed_kind_probabilities(kinds, {"describe": 2})
+    for bad in (0, -1, float("nan"), "3"):
+        with pytest.raises(OmniedgeError, match="not a positive number"):
+            mixed_kind_probabilities(kinds, {"where": bad})
+
+
 def test_noise_colours_and_rooms() -> None:
     from omniedge.data.speech_stream import coloured_noise, room_impulse
 

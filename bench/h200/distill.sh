@@ -10,8 +10,9 @@ P=artifacts/distill/pack
 mkdir -p "$W" "$OUT" /root/site
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . >/dev/null 2>&1 \
-  || echo "omniedge install failed"
+# SKIP_INSTALL=1: keep the installed copy (a background job of an earlier call may be importing from it)
+[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . \
+  >/dev/null 2>&1 || echo "omniedge install failed"
 om() { python3 -m omniedge "$@"; }
 # 270 s of training (the issue's target is the whole run under 8 minutes), evals on the pack's val split
 KD="--data $P --device cuda --time-budget ${BUDGET:-270} --eval-limit 200 --eval-every ${EVAL_EVERY:-400} --save-every 100"
@@ -19,8 +20,9 @@ KD="--data $P --device cuda --time-budget ${BUDGET:-270} --eval-limit 200 --eval
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    student)  # the pruned 50% student: the default recipe without its INT4 stage (the CPU machine's command)
-      [ -f $W/mini-p50/omniedge.json ] || om compress omni-mini -o $W/mini-p50 --recipe bench/h200/student-p50-frequency.yaml > $W/student.log 2>&1
+    student)  # the pruned 50% student (STUDENT: its recipe; the first run's was student-p50-frequency.yaml)
+      [ -f $W/mini-p50/omniedge.json ] || om compress omni-mini -o $W/mini-p50 \
+        --recipe bench/h200/${STUDENT:-student-p50-reap.yaml} > $W/student.log 2>&1 || tail -5 $W/student.log
       python3 -c "import json; m=json.load(open('$W/mini-p50/omniedge.json')); print('kept', m['stages'][0]['result']['kept'])"
       cp $W/mini-p50/omniedge.json $OUT/mini-p50.omniedge.json ;;
     step-time)  # a distillation step vs a training step of the teacher, same batches, on the GPU

@@ -4,11 +4,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/root/work
+# VARIANT=head: the recipe with an INT4 lm_head (recipes/qwen3-omni-30b-prune50-int4-head.yaml), in its own dirs
+SFX=${VARIANT:+-$VARIANT}
+RECIPE=qwen3-omni-30b-prune50-int4$SFX.yaml CKPT=$W/full-int4$SFX BUNDLE=$W/full-bundle$SFX
 mkdir -p "$W" "$OUT" /root/site
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . >/dev/null 2>&1 \
-  || echo "omniedge install failed"
+# SKIP_INSTALL=1: keep the installed copy (a background job of an earlier call may be importing from it)
+[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . \
+  >/dev/null 2>&1 || echo "omniedge install failed"
 om() { python3 -m omniedge "$@"; }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -28,42 +32,35 @@ n=sorted({e['image']['photo'] for s in p['splits'].values() for e in s if e['kin
         > $W/compress.log 2>&1; echo \$? > $W/compress.rc" > /dev/null 2>&1 < /dev/null &
       sleep 45; tail -c 1500 $W/compress.log; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv ;;
     start-pipeline)  # compress then export, in their own session: they run on while later calls carry wheel chunks
-      rm -f $W/pipeline.rc; rm -rf $W/recipes; cp -r recipes $W/recipes
-      cat > $W/pipeline.sh <<EOF
+      rm -f $W/pipeline$SFX.rc; rm -rf $W/recipes; cp -r recipes $W/recipes
+      cat > $W/pipeline$SFX.sh <<EOF
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site
 cd $W
-python3 -m omniedge compress full -o $W/full-int4 --recipe $W/recipes/qwen3-omni-30b-prune50-int4.yaml > $W/compress.log 2>&1 || { echo 1 > $W/pipeline.rc; exit; }
-python3 - > $W/export.log 2>&1 <<'PY'
+python3 -m omniedge compress full -o $CKPT --recipe $W/recipes/$RECIPE > $W/compress$SFX.log 2>&1 || { echo 1 > $W/pipeline$SFX.rc; exit; }
+python3 - > $W/export$SFX.log 2>&1 <<'PY'
 import json, resource, subprocess, sys, time
 t = time.perf_counter()
-rc = subprocess.call([sys.executable, "-m", "omniedge", "export", "$W/full-int4", "-o", "$W/full-bundle", "--device", "cuda"])
+rc = subprocess.call([sys.executable, "-m", "omniedge", "export", "$CKPT", "-o", "$BUNDLE", "--device", "cuda"])
 r = {"rc": rc, "wall_s": round(time.perf_counter() - t, 1), "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
-print(json.dumps(r)); json.dump(r, open("$W/export-run.json", "w"))
+print(json.dumps(r)); json.dump(r, open("$W/export-run$SFX.json", "w"))
 PY
-echo \$? > $W/pipeline.rc
+echo \$? > $W/pipeline$SFX.rc
 EOF
-      setsid nohup bash $W/pipeline.sh > /dev/null 2>&1 < /dev/null &
-      sleep 20; tail -c 600 $W/compress.log | tr '\r' '\n' | tail -3 ;;
+      setsid nohup bash $W/pipeline$SFX.sh > /dev/null 2>&1 < /dev/null &
+      sleep 20; tail -c 600 $W/compress$SFX.log | tr '\r' '\n' | tail -3 ;;
     wait-pipeline)
-      for _ in $(seq 1 100); do [ -f $W/pipeline.rc ] && break; sleep 3; done
-      echo "pipeline rc $(cat $W/pipeline.rc 2>/dev/null || echo running)"
-      tr '\r' '\n' < $W/compress.log | grep -v "it/s\]$" | tail -4; tr '\r' '\n' < $W/export.log | grep -v "it/s\]$" | tail -25
-      cp $W/compress.log $W/export.log $OUT/ 2>/dev/null; cp $W/full-int4/omniedge.json $OUT/full-int4.omniedge.json 2>/dev/null
-      cp $W/full-bundle/manifest.json $OUT/full-bundle.manifest.json 2>/dev/null; cp $W/export-run.json $OUT/ 2>/dev/null ;;
+      for _ in $(seq 1 ${WAIT_STEPS:-100}); do [ -f $W/pipeline$SFX.rc ] && break; sleep 3; done
+      echo "pipeline$SFX rc $(cat $W/pipeline$SFX.rc 2>/dev/null || echo running)"
+      tr '\r' '\n' < $W/compress$SFX.log | grep -v "it/s\]$" | tail -4; tr '\r' '\n' < $W/export$SFX.log | grep -v "it/s\]$" | tail -25
+      cp $W/compress$SFX.log $W/export$SFX.log $OUT/ 2>/dev/null; cp $CKPT/omniedge.json $OUT/full-int4$SFX.omniedge.json 2>/dev/null
+      cp $BUNDLE/manifest.json $OUT/full-bundle$SFX.manifest.json 2>/dev/null; cp $W/export-run$SFX.json $OUT/ 2>/dev/null ;;
     sweep)
       timeout 420 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
         --combine "fpA_intB + XQA=ORT_FPA_INTB_GEMM=1,ORT_ENABLE_XQA=1" --json $OUT/sweep.json 2>&1 | grep -v Warn ;;
     chunked)  # the memory a prompt's workspaces take, whole against in pieces (OrtThinker.prefill_chunk)
-      timeout 400 python3 bench/h200/kernel_sweep.py $W/full-bundle --contexts 512 4096 --new-tokens 64 --runs 2 \
+      timeout 400 python3 bench/h200/kernel_sweep.py $BUNDLE --contexts ${CONTEXTS:-512 4096} --new-tokens 64 --runs 2 \
         --only "runtime defaults" "prompts in 512-token pieces" "prompts in 1024-token pieces" \
-        --json $OUT/sweep-chunked.json 2>&1 | grep -v Warn ;;
-    head-int4)  # the same model with an INT4 lm_head (quantize target lm_head): compress, export, decode report
-      sed 's/targets: \[attention, experts\]/targets: [attention, experts, lm_head]/' \
-        recipes/qwen3-omni-30b-prune50-int4.yaml > $W/recipe-head.yaml && grep -q lm_head $W/recipe-head.yaml || exit 3
-      timeout 200 python3 -m omniedge compress full -o $W/full-int4-head --recipe $W/recipe-head.yaml 2>&1 | tail -3
-      timeout 200 python3 -m omniedge export $W/full-int4-head -o $W/full-bundle-head --device cuda 2>&1 | tail -1
-      timeout 180 python3 -m omniedge.bench.thinker_report $W/full-bundle-head --providers cuda --contexts 512 4096 \
-        --new-tokens 128 --runs 3 --json $OUT/full-report-head.json 2>&1 | grep -v Warn | tail -8 ;;
+        --json $OUT/sweep-chunked$SFX.json 2>&1 | grep -v Warn ;;
     final)  # the report with the runtime's own settings (omniedge/runtime/ort_cuda.py), then omni-mini parity
       timeout 300 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
         --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -14
@@ -107,8 +104,8 @@ PY
     parity)
       python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda --json $OUT/parity.json 2>&1 | tail -3 ;;
     report)
-      timeout 560 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
-        --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -30 ;;
+      timeout ${REPORT_TIMEOUT:-560} python3 -m omniedge.bench.thinker_report $BUNDLE --providers cuda --contexts 512 4096 \
+        --new-tokens 128 --runs 3 ${PROFILE---profile} --json $OUT/full-report$SFX.json 2>&1 | grep -v Warn | tail -30 ;;
     report-nograph)
       timeout 300 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 --new-tokens 64 \
         --runs 2 --no-cuda-graph --json $OUT/full-report-nograph.json 2>&1 | grep -v Warn | tail -12 ;;

@@ -5,7 +5,9 @@
     omniedge eval --compare omni-mini out/mini-int4  # retention table, as the reference article prints it
 
 Suites: `omni-mini` (the full dataset, built and cached on first use), `omni-mini-small` (the small one,
-for quick checks), or a path to a dataset directory built by omniedge.data.
+for quick checks), a path to a dataset directory built by omniedge.data, or a training pack
+(`python -m omniedge.training.train pack DATASET OUT --splits train,test`: a GPU machine without the data set
+scores its test split, or its val split if it has no test split; audio as packed, at the pack's mel levels).
 """
 
 from __future__ import annotations
@@ -54,12 +56,25 @@ def resolve_suite(suite: str) -> Path:
 
         return build_dataset(size=SUITES[suite], seed=0)
     p = Path(suite)
-    if (p / "manifest.json").is_file() or (p / "text" / "test.jsonl").is_file():
+    if (
+        (p / "manifest.json").is_file()
+        or (p / "text" / "test.jsonl").is_file()
+        or (p / "pack.json").is_file()
+    ):
         return p
     raise OmniedgeError(
         f"unknown suite {suite!r}",
-        f"use one of {sorted(SUITES)} or the path of a dataset built by omniedge.data",
+        f"use one of {sorted(SUITES)}, the path of a dataset built by omniedge.data, or a training pack "
+        "(python -m omniedge.training.train pack DATASET OUT --splits train,test)",
     )
+
+
+def _pack_split(root: Path) -> str | None:
+    """The split a training pack is scored on (test if it has one, else val); None for a dataset."""
+    if not (root / "pack.json").is_file():
+        return None
+    counts = json.loads((root / "pack.json").read_text()).get("counts", {})
+    return "test" if any(k.endswith("/test") for k in counts) else "val"
 
 
 def _device(device: str) -> str:
@@ -91,7 +106,13 @@ def evaluate(
     t0 = time.perf_counter()
     net, tok = load_checkpoint(path)
     predictor = TorchPredictor(net, tok, device=dev, image_size=image_size)
-    data = load_suite_data(root, tok, image_size, limit=limit, progress=progress)
+    split = _pack_split(root)
+    if split is None:
+        data = load_suite_data(root, tok, image_size, limit=limit, progress=progress)
+    else:  # a training pack (a GPU machine without the data set): features as packed
+        from omniedge.eval.suite import suite_data_from_pack
+
+        data = suite_data_from_pack(root, split, limit)
     result = run_suite(predictor, data, progress=progress)
     manifest = root / "manifest.json"
     return {
@@ -104,7 +125,8 @@ def evaluate(
             "content_sha256": json.loads(manifest.read_text()).get("content_sha256")
             if manifest.is_file()
             else None,
-            "split": "test",
+            "split": split or "test",
+            "pack": split is not None,
             "limit": limit,
         },
         **result,

@@ -11,7 +11,7 @@ the CTC loss on the audio encoder. Features are the runtime's Whisper log-mel, c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -75,12 +75,14 @@ class SpeechMaker:
         words: Sequence[str],
         held_out: set[str],
         scenes: Sequence[Example] = (),
+        kind_weight: Mapping[str, float] | None = None,
     ) -> None:
         self.tok, self.sentences, self.held_out = tokenizer, list(sentences), held_out
         self.words = list(words[:WORD_POOL])
         self.asr_prompt = tokenizer.encode(ASR_PROMPT).ids
         self.mixed_prompt = tokenizer.encode(MIXED_PROMPT).ids
         self.scenes = [ex for ex in scenes if ex.kind in MIXED_KINDS]
+        self.scene_p = mixed_kind_probabilities([ex.kind for ex in self.scenes], kind_weight)
         if not self.sentences or not self.words:
             from omniedge.errors import OmniedgeError
 
@@ -113,12 +115,47 @@ class SpeechMaker:
             from omniedge.errors import OmniedgeError
 
             raise OmniedgeError("the pack has no scene questions for spoken questions", "re-make the pack")
-        scene = self.scenes[int(rng.integers(len(self.scenes)))]
+        pick = (
+            rng.choice(len(self.scenes), p=self.scene_p)
+            if self.scene_p is not None
+            else rng.integers(len(self.scenes))
+        )
+        scene = self.scenes[int(pick)]
         question = self.tok.decode(scene.prompt).strip().rstrip("?").strip()
         mel = self._spoken(question, rng)
         return replace(
             scene, task="mixed", prompt=self.mixed_prompt, mel=mel, spoken=ctc_target(self.tok, question)
         )
+
+
+def check_mixed_kind_weight(kind_weight: Mapping[str, float]) -> dict[str, float]:
+    """The spoken-question kinds' sampling weights, checked: known kinds, positive finite numbers."""
+    from omniedge.errors import OmniedgeError
+
+    out: dict[str, float] = {}
+    for kind, w in kind_weight.items():
+        if kind not in MIXED_KINDS:
+            raise OmniedgeError(
+                f"spoken-question kind {kind!r} is not one of {list(MIXED_KINDS)}",
+                "weigh the kinds the data set asks, e.g. --mixed-kinds '{\"where\": 3}'",
+            )
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w) or w <= 0:
+            raise OmniedgeError(f"weight {w!r} for spoken {kind!r} questions is not a positive number",
+                                "give each kind a number above 0 (1 is today's share)")  # fmt: skip
+        out[kind] = float(w)
+    return out
+
+
+def mixed_kind_probabilities(
+    kinds: Sequence[str], kind_weight: Mapping[str, float] | None
+) -> np.ndarray | None:
+    """Per-scene sampling probabilities: each question row weighs its kind's weight (unlisted kinds 1);
+    None (uniform over rows, as without weights) when no weight is given."""
+    if not kind_weight or not kinds:
+        return None
+    checked = check_mixed_kind_weight(kind_weight)
+    w = np.array([checked.get(k, 1.0) for k in kinds], np.float64)
+    return w / w.sum()
 
 
 def read_speech_texts(pack: str | Path) -> tuple[list[str], list[str], set[str]]:

@@ -35,6 +35,7 @@ from omniedge.training.pack import SYNTHESISED, load_pack_examples, read_pack_me
 from omniedge.training.save import save_trained
 from omniedge.training.state import DivergenceGuard, RunState, load_state, save_state, settings_differ
 from omniedge.training.stream import TRAIN_TASKS
+from omniedge.training.synth import check_mixed_kind_weight
 
 PAUSED = 3  # exit status: stopped before the deadline, state saved; run the same command again
 __all__ = ["DivergenceGuard", "Phase", "TrainConfig", "default_phases", "main", "train"]
@@ -90,6 +91,9 @@ class TrainConfig:
     loader_workers: int = 4  # batch-making processes (part of the seed -> batches mapping)
     final_eval: bool = True  # score the val split (accuracy, WER, perplexity) after training, if time allows
     init: str | None = None  # start from this checkpoint's weights, not from scratch
+    mixed_kinds: dict[str, float] | None = (
+        None  # spoken-question kinds: sampling weights (None: uniform rows)
+    )
     audio_encoder: dict[str, Any] | None = None  # audio-encoder config overrides (CPU tests: a smaller one)
 
 
@@ -120,7 +124,11 @@ def _load_data(pack: Path, cfg: TrainConfig, tok: Any) -> tuple[dict[str, Any], 
         train_data["speech"][i] = replace(ex, spoken=ctc_target(tok, ex.reference))
     val_data = {t: load_pack_examples(pack, t, "val") for t in TRAIN_TASKS}
     sentences, words, held_out = read_speech_texts(pack)
-    maker = SpeechMaker(tok, sentences, words, held_out, train_data["image"]) if sentences else None
+    maker = (
+        SpeechMaker(tok, sentences, words, held_out, train_data["image"], cfg.mixed_kinds)
+        if sentences
+        else None
+    )
     train_data = {t: v for t, v in train_data.items() if v}
     if not train_data:
         raise OmniedgeError(f"{pack} holds no training examples", "re-make the pack from a built dataset")
@@ -272,6 +280,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=500)
     t.add_argument("--val-examples", type=int, default=128, help="per task, for the periodic validation")
     t.add_argument("--no-final-eval", action="store_true", help="skip scoring the val split after training")
+    t.add_argument(
+        "--mixed-kinds",
+        type=json.loads,
+        help='sampling weight per spoken-question kind, JSON: {"where": 3} (others 1; default: as the pack has them)',
+    )
     t.add_argument("--init", help="start from this checkpoint's weights (fresh optimizers and schedules)")
     t.add_argument("--loader-workers", type=int, default=4, help="batch-making processes")
     return p
@@ -298,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_examples=args.val_examples,
         final_eval=not args.no_final_eval,
         init=args.init,
+        mixed_kinds=check_mixed_kind_weight(args.mixed_kinds) if args.mixed_kinds else None,
         loader_workers=args.loader_workers,
     )
 
