@@ -561,3 +561,41 @@ def test_report_shows_each_layer(tiny: Path, tmp_path: Path, capsys: pytest.Capt
     assert "-o OUT" in capsys.readouterr().err
     assert main(["compress", str(tiny), "--report"]) == 2  # not made by omniedge compress
     assert "no per-layer compression report" in capsys.readouterr().err
+
+
+def test_a_non_uniformly_pruned_checkpoint_quantizes_and_refuses_a_second_prune(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """prune (global budget) -> float checkpoint -> quantize in a second pass: the distillation's
+    `--int4 after` path for a student with a different expert count per layer."""
+    from omniedge.int4_modules import experts_per_layer
+
+    prune = {"method": "frequency", "keep_ratio": 0.5, "budget": "global", "min_keep": 2}
+    pruned = pipeline.compress(tiny, tmp_path / "p", _recipe([{"prune": prune}]), progress=False)
+    counts = experts_per_layer(
+        json.loads((pruned / "config.json").read_text())["thinker_config"]["text_config"]
+    )
+    assert counts is not None and len(set(counts)) > 1  # the case under test: layers differ
+    out = pipeline.compress(pruned, tmp_path / "q", _recipe([{"quantize": {}}]), progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert experts_per_layer(cfg["thinker_config"]["text_config"]) == counts
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.weights import canonical_name
+
+    float_model, tok = _load(pruned)
+    deq, _ = load_checkpoint(out, dequantize=True)  # every INT4 weight as float, the rest as stored
+    f_sd = {canonical_name(n): p for n, p in float_model.state_dict().items()}
+    d_sd = {canonical_name(n): p for n, p in deq.state_dict().items()}
+    assert f_sd.keys() == d_sd.keys()
+    quantized = set(cfg["omniedge_quantization"]["modules"])
+    assert any(".experts." in n for n in quantized)
+    for name, w in f_sd.items():
+        if name in quantized:  # RTN of this very weight: small relative error, same shape per layer
+            assert d_sd[name].shape == w.shape and float((w - d_sd[name]).norm() / w.norm()) < 0.15
+        else:
+            assert torch.equal(d_sd[name], w), name
+    b = _logits(_load(out)[0], _multimodal_inputs(float_model, tok))
+    assert torch.isfinite(b).all()
+    with pytest.raises(OmniedgeError, match="already pruned to different expert counts"):
+        pipeline.compress(pruned, tmp_path / "again", _recipe([{"prune": prune}]), progress=False)
+    assert not (tmp_path / "again").exists()

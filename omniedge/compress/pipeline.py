@@ -222,6 +222,12 @@ def compress(model: str | Path, out: Path, recipe: dict[str, Any], progress: boo
         refuse_quantized(src.config)
         sk = ThinkerSkeleton(src.config, src.tensors, device, dtype)
         _check_complete(sk, src.tensors, str(src.path or model))
+        if sk.experts_per_layer is not None and any("prune" in st for st in recipe["stages"]):
+            raise OmniedgeError(
+                f"{model} is already pruned to different expert counts per layer "
+                f"({min(sk.experts_per_layer)}-{max(sk.experts_per_layer)}); pruning it again is not supported",
+                "prune the original checkpoint with the combined budget, or drop the prune stage",
+            )
         stages = make_stages(recipe, sk.text_config)
         need = expected_bytes(sk, stages, dtype)
         teacher_bytes = teacher_bf16_bytes(sk)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from omniedge.errors import OmniedgeError
+from omniedge.int4_modules import experts_per_layer, resize_experts
 from omniedge.meta_init import empty_model, set_parameter
 from omniedge.models.family import thinker_parts
 from omniedge.weights import TensorSource, canonical_name, fused_experts
@@ -61,6 +62,10 @@ class ThinkerSkeleton:
     def __init__(self, config: dict[str, Any], source: TensorSource, device: Any, dtype: torch.dtype) -> None:
         # Text out only: the talker and code2wav are never built.
         self.model = empty_model({**config, "enable_audio_output": False}, dtype).eval()
+        counts = experts_per_layer(config.get("thinker_config", {}).get("text_config", {}))
+        if counts is not None:  # a checkpoint pruned to different expert counts per layer
+            resize_experts(self.model, counts)
+        self.experts_per_layer = counts
         self.source, self.device, self.dtype = source, torch.device(device), dtype
         self.parts = thinker_parts(self.model)
         self.text_config = self.parts.text_model.config
