@@ -174,8 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--prefill-chunk",
         type=int,
-        help="feed prompts to the thinker in pieces of this many tokens: its workspaces then scale with the "
-        "piece, not the prompt (ort bundles; default: whole prompts)",
+        help="feed prompts to the thinker in pieces of this many tokens: on the CPU its workspaces then scale "
+        "with the piece, not the prompt (ort bundles; on CUDA it raised GPU memory: leave it off there; "
+        "default: whole prompts)",
     )
     s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
     s.add_argument(
@@ -207,7 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         "Score a checkpoint on the held-out suite: text perplexity, image accuracy, speech WER (95% CIs).",
     )
     v.add_argument("model", nargs="?", help="checkpoint directory, or `omni-mini`")
-    v.add_argument("--suite", default="omni-mini", help="omni-mini (default), omni-mini-small, a data set directory, or a training pack (its test split if packed, else val)")
+    v.add_argument(
+        "--suite",
+        default="omni-mini",
+        help="omni-mini (default), omni-mini-small, a data set directory, or a training pack (its test split if packed, else val)",
+    )
     v.add_argument("--compare", nargs=2, metavar=("TEACHER", "STUDENT"), help="print the retention table")
     v.add_argument("--json", type=Path, help="write every number as JSON")
     v.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -105,8 +105,8 @@ class Omni:
 
         `max_context` sizes the thinker's KV cache (allocated once, default 4096 tokens, at most the model's
         limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it;
-        `prefill_chunk` feeds long prompts to the ORT thinker in pieces of that many tokens (workspaces scale
-        with the piece, not the prompt; None: whole).
+        `prefill_chunk` feeds long prompts to the ORT thinker in pieces of that many tokens (CPU workspaces
+        scale with the piece, not the prompt; on CUDA it raised GPU memory, measured; None: whole).
         With `memory_budget` ("6GB", "50%", bytes) only the pinned engines load now, the others on demand,
         and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
         """
