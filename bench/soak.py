@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from omniedge.bench.inputs import bench_audio, bench_image
+from omniedge.prompts import ASR_PROMPT
 
 MODEL = "omni-mini"
 BASE_ALLOWANCE = 2**20  # bytes added to the first server's least budget (see the module docstring)
@@ -99,7 +100,7 @@ def mixed_requests(max_tokens: int = 16, longest_audio_s: float = 20.0) -> list[
         req("Describe the picture.", img[1]),
         req("What is in the image?", img[2], temperature=0.7, seed=3),
         req("What was said?", audio=aud[2.0]),
-        req("Transcribe the audio.", audio=aud[8.0]),
+        req(ASR_PROMPT, audio=aud[8.0]),
         req("What did the person ask?", audio=longest),
         req("Summarise the recording.", audio=aud[5.0], temperature=0.9, seed=2),
         req("Answer the spoken question about the image.", img[0], aud[2.0]),

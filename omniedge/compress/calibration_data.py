@@ -11,8 +11,8 @@ import numpy as np
 
 from omniedge.compress.calibration import SAMPLE_RATE, Request, register_source
 from omniedge.errors import OmniedgeError
+from omniedge.prompts import ASR_PROMPT  # the prompt omni-mini was trained with
 
-ASR_PROMPT = "Transcribe the audio."  # the prompt omni-mini was trained with (omniedge.training.batches)
 TEXT_CHARS = 1200  # a calibration text request: the first characters of a document
 
 

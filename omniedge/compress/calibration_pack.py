@@ -23,12 +23,12 @@ import numpy as np
 
 from omniedge.compress.calibration import MODALITIES, SAMPLE_RATE, SPLITS, Request, register_source
 from omniedge.errors import OmniedgeError
+from omniedge.prompts import ASR_PROMPT
 
 PACK_FILE = "pack.json"
 DEFAULT_PACK = Path(__file__).with_name("calibration-pack")  # the project's pack, package data
 FORMAT = "omniedge-calibration-pack"
 VERSION = 1
-ASR_PROMPT = "Transcribe the audio."
 PHOTO_PROMPT = "What is in the photo?"
 TEXT_CHARS = 4000  # one text request: ~1000 tokens of Qwen's tokenizer
 

@@ -38,10 +38,10 @@ from omniedge.data.writers import MelShards, flac_bytes, save_png, write_jsonl
 from omniedge.errors import OmniedgeError
 from omniedge.outputs import DATASET, check_replaceable
 from omniedge.paths import home
+from omniedge.prompts import MIXED_PROMPT
 
 BUILDER_VERSION = 3  # 3: espeak-ng 1.52 in process (espeakng-loader) + scipy resampling, no apt/sox
 TASKS = ("text", "image", "speech", "mixed")
-MIXED_PROMPT = "answer the spoken question about the image."
 MIXED_TASKS = ("count", "colour", "shape", "where")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.prompts import ASR_PROMPT
 from omniedge.runtime.admission import AdmissionQueue
 from omniedge.runtime.backends import EngineBackend, OrtBackend
 from omniedge.runtime.budget import MeasuredThinker
@@ -355,7 +356,7 @@ class Omni:
 
     def transcribe(self, audio: AudioInput, max_new_tokens: int = 128) -> str:
         """What was said in `audio` (greedy)."""
-        return self.chat("Transcribe the audio.", audio=audio, max_new_tokens=max_new_tokens).text
+        return self.chat(ASR_PROMPT, audio=audio, max_new_tokens=max_new_tokens).text
 
     def describe(self, image: ImageInput, max_new_tokens: int = 128) -> str:
         """A description of `image` (greedy)."""

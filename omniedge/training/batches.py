@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from omniedge.errors import OmniedgeError
+from omniedge.prompts import ASR_PROMPT
 
-ASR_PROMPT = "Transcribe the audio."
 IGNORE_INDEX = -100
 SAMPLING_RATE = 16000
 HOP_LENGTH = 160

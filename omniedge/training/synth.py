@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from omniedge.data.build import MIXED_PROMPT
 from omniedge.data.build import MIXED_TASKS as MIXED_KINDS
+from omniedge.prompts import MIXED_PROMPT
 from omniedge.training.batches import ASR_PROMPT, HOP_LENGTH, N_MELS, SAMPLING_RATE, Example
 
 WORD_STRING = (1, 5)  # words in a random-word utterance
