@@ -593,3 +593,80 @@ def test_a_recipe_distils_through_the_quantize_stages_int4(toy: Path, tmp_path: 
     assert cfg["omniedge_quantization"]["method"] == "rtn"
     assert cfg["thinker_config"]["text_config"]["num_experts"] == 4
     load_checkpoint(out)
+
+
+# ---------------------------------------------------------------- speech synthesised afresh (--fresh-speech)
+
+needs_espeak = pytest.mark.skipif(
+    not __import__("omniedge.data.espeak", fromlist=["available"]).available(),
+    reason="espeakng-loader is not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def speech_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training pack of the toy data set whose text has sentences to speak (as `train pack` makes it)."""
+    from omniedge.models.tiny import build_tiny
+    from omniedge.training.pack import write_pack
+
+    root = toy_dataset(tmp_path_factory.mktemp("fresh") / "ds")
+    said = ["the robot sees a red circle", "a blue square is on the table", "the table sees the robot",
+            "a red square and a blue circle", "the robot is on the table", "a circle sees a square"]  # fmt: skip
+    rows = [{"text": ". ".join(said[i:] + said[:i]) + "."} for i in range(6)]
+    (root / "text" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, tok = build_tiny()
+    return write_pack(root, root.parent / "pack", tok, image_size=64, splits=("train",), speech_texts=True)
+
+
+@needs_espeak
+def test_fresh_speech_depends_on_seed_step_and_position_only(speech_pack: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from omniedge.distill.fresh import FreshSpeech
+    from omniedge.training.pack import load_pack_examples
+
+    tok = Tokenizer.from_file(str(speech_pack / "tokenizer.json"))
+    scenes = load_pack_examples(speech_pack, "image", "train")
+    per = {"speech": 3, "mixed": 2}
+    one = FreshSpeech(speech_pack, tok, scenes, per, seed=0, world=1, accum=2)  # one process, 2 micro-batches
+    two = [
+        FreshSpeech(speech_pack, tok, scenes, per, seed=0, world=2, accum=1) for _ in range(2)
+    ]  # two processes
+    for step in (0, 5):
+        a = one.micro_batch(step, 0, 0) + one.micro_batch(step, 0, 1)
+        b = two[0].micro_batch(step, 0, 0) + two[1].micro_batch(step, 1, 0)
+        assert len(a) == len(b) == 5 and [e.task for e in a].count("speech") == 3
+        for x, y in zip(a, b, strict=True):  # the same audio whoever makes it
+            assert x.reference == y.reference and np.array_equal(x.mel, y.mel)
+        assert one.tokens(step) == sum(len(e.answer) + 1 for e in a)  # known before synthesis
+        for e in a:
+            assert e.mel is not None and e.mel.shape[0] == 128
+            if e.task == "mixed":
+                assert e.pixel_values is not None and e.kind in ("count", "colour", "shape", "where")
+            else:
+                assert e.reference in one.sentences and e.reference not in one.held_out
+    s0 = {e.reference for e in one.micro_batch(0, 0, 0) if e.task == "speech"}
+    s1 = {e.reference for e in one.micro_batch(1, 0, 0) if e.task == "speech"}
+    assert s0 and (s0 != s1 or len(one.sentences) < 3)  # new picks each step
+
+
+@needs_espeak
+def test_fresh_speech_distils_and_refuses_a_cache_or_a_data_set(
+    toy: Path, speech_pack: Path, student: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kd"
+    args = _toy_args(speech_pack, "--steps", "2", "--int4", "none", "--run-dir", str(tmp_path / "run"))
+    assert _cli("distill", "tiny", student, "-o", out, *args, "--fresh-speech") == 0
+    meta = json.loads((out / "omniedge.json").read_text())["distill"]
+    fresh = meta["data"]["fresh_speech"]
+    assert fresh["per_step"] == {"speech": 2, "mixed": 2} and fresh["sentences"] > 0
+    assert set(meta["data"]["examples"]) == {"text", "image"}  # all audio in training was made afresh
+    assert meta["curve"] and all(r["examples_per_step"] == 4 + 2 + 2 + 2 for r in meta["curve"])
+    capsys.readouterr()
+    cache = _cli("distill", "tiny", student, "-o", tmp_path / "c", *args, "--fresh-speech",
+                 "--teacher-cache", tmp_path / "cache")  # fmt: skip
+    assert cache == 2 and "cannot hold" in capsys.readouterr().err
+    data_set = _cli(
+        "distill", "tiny", student, "-o", tmp_path / "d", *_toy_args(toy, "--steps", "1"), "--fresh-speech"
+    )
+    assert data_set == 2 and "is a data set" in capsys.readouterr().err

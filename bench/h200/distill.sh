@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 W=/root/work
-P=artifacts/distill/pack
+P=${DATA:-artifacts/distill/pack}  # DATA=.ompack with FRESH=1: the training pack, speech made afresh each step
 mkdir -p "$W" "$OUT" /root/site
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
@@ -17,6 +17,7 @@ om() { python3 -m omniedge "$@"; }
 # 270 s of training (the issue's target is the whole run under 8 minutes), evals on the pack's val split
 KD="--data $P --device cuda --time-budget ${BUDGET:-270} --eval-limit 200 --eval-every ${EVAL_EVERY:-400} --save-every 100"
 [ -n "${BATCH:-}" ] && KD="$KD --batch $BATCH"
+[ -n "${FRESH:-}" ] && KD="$KD --fresh-speech --loader-workers ${WORKERS:-14}"  # needs espeak-ng in /root/site (.whl)
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in

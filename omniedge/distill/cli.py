@@ -75,6 +75,15 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
         "--precision", choices=PRECISIONS, default=dflt.precision, help="auto: bf16 on CUDA, fp32 on CPU"
     )
     d.add_argument("--limit", type=int, help="first N training examples per task")
+    d.add_argument(
+        "--fresh-speech",
+        action="store_true",
+        help="synthesise the speech and spoken-question examples of every step afresh from the training pack's "
+        "sentences and scene questions (teacher on the fly; more --loader-workers on a GPU)",
+    )
+    d.add_argument(
+        "--loader-workers", type=int, help="batch-making processes (default: 4 on CUDA, 0 on the CPU)"
+    )
     d.add_argument("--save-every", type=int, default=dflt.save_every, help="checkpoint every N steps")
     d.add_argument(
         "--eval-every", type=int, default=dflt.eval_every, help="`omniedge eval` suite every N steps"
@@ -100,7 +109,8 @@ def settings_from(args: argparse.Namespace) -> DistillSettings:
         kl_weight=1.0 if args.logit_only else args.kl_weight, top_k=args.top_k, train=args.train,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, int4=args.int4, router_aux=args.router_aux,
         precision=args.precision, limit=args.limit, save_every=args.save_every, eval_every=args.eval_every,
-        eval_limit=args.eval_limit, log_every=args.log_every,
+        eval_limit=args.eval_limit, log_every=args.log_every, fresh_speech=args.fresh_speech,
+        loader_workers=args.loader_workers,
     )  # fmt: skip
     if batch is not None:
         kw["batch"] = batch

@@ -58,6 +58,7 @@ class Trainer:
         qat: bool,
         evaluate: Any = None,
         progress: bool = True,
+        fresh: Any = None,
     ) -> None:
         from omniedge.training.batches import ChatTokens
 
@@ -66,6 +67,7 @@ class Trainer:
         self.ct = ChatTokens.from_tokenizer(tokenizer)
         self.run_dir, self.qat, self.evaluate, self.progress = Path(run_dir), qat, evaluate, progress
         self.weights = settings.loss_weights()
+        self.fresh = fresh  # omniedge.distill.fresh.FreshSpeech: speech made afresh each step, or None
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.state: dict[str, Any] = {
             "step": 0,
@@ -113,6 +115,7 @@ class Trainer:
         import torch
 
         plan, data, ct, rank, accum = self.plan, self.data, self.ct, self.acc.process_index, self.s.grad_accum
+        fresh = self.fresh
 
         class MicroBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
             def __len__(self) -> int:
@@ -123,7 +126,10 @@ class Trainer:
 
                 step, m = divmod(j, accum)
                 ids = plan.micro_batches(first_step + step, rank)[m]
-                return first_step + step, ids, collate(ct, [data.examples[i] for i in ids], positions=True)
+                examples = [data.examples[i] for i in ids]
+                if fresh is not None:
+                    examples += fresh.micro_batch(first_step + step, rank, m)
+                return first_step + step, ids, collate(ct, examples, positions=True)
 
         workers = (
             self.s.loader_workers
@@ -161,7 +167,8 @@ class Trainer:
         lr = lr_at(step, total, self.s)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        norm = self.plan.step_tokens(step) / (self.acc.num_processes * self.s.grad_accum)
+        step_tokens = self.plan.step_tokens(step) + (self.fresh.tokens(step) if self.fresh is not None else 0)
+        norm = step_tokens / (self.acc.num_processes * self.s.grad_accum)
         sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # ce, kl, tokens, examples
         grad_norm = float("nan")
         for _ in range(self.s.grad_accum):
@@ -183,7 +190,7 @@ class Trainer:
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
             sums += torch.tensor(
-                [float(part["ce"]), float(part.get("kl", 0.0)), part["tokens"], len(ids)],
+                [float(part["ce"]), float(part.get("kl", 0.0)), part["tokens"], int(labels.shape[0])],
                 dtype=torch.float64, device=self.acc.device,
             )  # fmt: skip
         total_sums = self.acc.reduce(sums, "sum") if self.acc.num_processes > 1 else sums
@@ -231,6 +238,7 @@ class Trainer:
             "kl": kl,
             "lr": rec["lr"],
             "grad_norm": rec["grad_norm"],
+            "examples_per_step": sum(r["examples"] for r in window) / len(window),
             "examples_per_s": sum(r["examples"] for r in window) / seconds,
             "tokens_per_s": n_tok / seconds,
             "seconds": round(self.state["seconds"], 2),

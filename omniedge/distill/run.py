@@ -18,6 +18,7 @@ from typing import Any
 from omniedge.atomic import atomic_write_json
 from omniedge.checkpoint import META_FILE, read_meta
 from omniedge.distill import evaluation
+from omniedge.distill.fresh import FRESH_TASKS, FreshSpeech
 from omniedge.distill.settings import DistillSettings, run_key
 from omniedge.errors import OmniedgeError
 from omniedge.outputs import CHECKPOINT, DISTILL_RUN, check_replaceable
@@ -101,6 +102,22 @@ def _eval_written(path: Path, suite: Any, device: Any, image_size: int) -> dict[
     return evaluation.score(model, tok, suite, device, image_size)
 
 
+def _check_fresh(data_source: str | Path, teacher_cache: Path | None) -> None:
+    """--fresh-speech reads a training pack's sentences and needs the teacher on the fly."""
+    from omniedge.distill.data import resolve_source
+
+    if teacher_cache is not None:
+        raise OmniedgeError(
+            "--fresh-speech makes new audio every step, which a teacher-logit cache cannot hold",
+            "drop --teacher-cache (the teacher runs on the fly) or drop --fresh-speech",
+        )
+    if resolve_source(data_source)[0] != "pack":
+        raise OmniedgeError(
+            f"--fresh-speech synthesises from a training pack's speech sentences; {data_source} is a data set",
+            "pack it: python -m omniedge.training.train pack DATASET OUT, and pass --data OUT",
+        )
+
+
 def _versions() -> dict[str, str]:
     import accelerate
     import torch
@@ -154,14 +171,26 @@ def distill(
         raise OmniedgeError(
             f"the output {out} or the teacher is the student {student.path}", "write elsewhere"
         )
-    tasks = [t for t, n in settings.batch.items() if n > 0]
+    fresh_batch = {t: n for t, n in settings.batch.items() if settings.fresh_speech and t in FRESH_TASKS}
+    plan_batch = {t: n for t, n in settings.batch.items() if t not in fresh_batch}
+    tasks = [t for t, n in plan_batch.items() if n > 0]
+    if fresh_batch.get("mixed") and "image" not in tasks:
+        tasks.append("image")  # the scene questions spoken afresh
+    if settings.fresh_speech:
+        _check_fresh(data_source, teacher_cache)
     data = load_data(data_source, "train", student.tokenizer, student.image_size, limit=settings.limit,
                      tasks=tasks, max_text_len=settings.max_text_len)  # fmt: skip
     say(
         f"data: {data.description['examples']} examples, {data.description['predicted_tokens']} predicted tokens"
     )
+    fresh = None
+    if settings.fresh_speech:
+        fresh = FreshSpeech(Path(data_source), student.tokenizer, [data.examples[i] for i in data.by_task.get("image", [])], fresh_batch,
+                            settings.seed, acc.num_processes, settings.grad_accum)  # fmt: skip
+        say(f"fresh speech: {fresh.identity()}")
+    modalities = data.modalities | ({"audio"} if any(fresh_batch.values()) else set())
     teacher_meta = pair.load_config_only(teacher_path)
-    pair.check_pair(teacher_meta, student, data.modalities)
+    pair.check_pair(teacher_meta, student, modalities)
     int4 = finish.resolve_int4(settings.int4, student)
     recipe = finish.quantize_recipe(student, int4_recipe) if int4 != "none" else None
     if fsdp and (settings.train == "lora" or int4 == "qat"):
@@ -222,10 +251,16 @@ def distill(
         from omniedge.training.batches import ChatTokens, collate
         from omniedge.training.kernels import set_encoder_attention
 
-        probe = collate(ChatTokens.from_tokenizer(student.tokenizer), data.examples[:: max(1, len(data.examples) // 16)],
-                        positions=True, device=acc.device)  # fmt: skip
+        sample = data.examples[:: max(1, len(data.examples) // 16)] + (
+            fresh.micro_batch(0, 0, 0)[:4] if fresh else []
+        )
+        probe = collate(
+            ChatTokens.from_tokenizer(student.tokenizer), sample, positions=True, device=acc.device
+        )
         probe.pop("labels")
         encoder_attention = set_encoder_attention(thinker, probe, True)
+        if fresh is not None:
+            fresh.reset()
         if teacher_thinker is not None:
             set_encoder_attention(teacher_thinker, probe, True)
     model, what = trainable.select_trainable(thinker, settings.train, settings.lora_rank, settings.lora_alpha)
@@ -233,7 +268,8 @@ def distill(
     impl = _experts_impl(model, acc.device)
 
     student_identity = pair.checkpoint_identity(student.path)
-    key = run_key(identity, student_identity, data.fingerprint, settings.key_fields(), int4, cache_info and k)
+    key = run_key(identity, student_identity, data.fingerprint, settings.key_fields(), int4, cache_info and k,
+                  fresh and fresh.identity())  # fmt: skip
     run_dir = _run_dir(run_dir, key, teacher_path, student.path, main)
     acc.wait_for_everyone()
 
@@ -258,14 +294,14 @@ def distill(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
     model, opt = acc.prepare(model, opt)
-    plan = BatchPlan(data, settings.batch, settings.seed, acc.num_processes, settings.grad_accum)
+    plan = BatchPlan(data, plan_batch, settings.seed, acc.num_processes, settings.grad_accum)
 
     def evaluate(m: Any) -> dict[str, Any]:
         return evaluation.score(m, student.tokenizer, suite, acc.device, student.image_size)
 
     periodic = evaluate if (evaluating and not fsdp) else None  # FSDP: parameters are sharded mid-run
     trainer = Trainer(acc, model, opt, teacher_thinker, cache, data, plan, settings, student.tokenizer, run_dir, qat,
-                      evaluate=periodic, progress=progress)  # fmt: skip
+                      evaluate=periodic, progress=progress, fresh=fresh)  # fmt: skip
     resumed = trainer.resume()
     if not resumed:
         trainer.state.update(start_evals)
@@ -293,7 +329,7 @@ def distill(
         record = {
             "teacher": {"path": str(teacher_path), "identity": identity},
             "student": {"path": str(student.path), "identity": student_identity, "recipe": student.meta.get("recipe")},
-            "data": data.description | {"fingerprint": data.fingerprint},
+            "data": data.description | {"fingerprint": data.fingerprint, "fresh_speech": fresh and fresh.identity()},
             "settings": settings.to_dict(),
             "int4": {"mode": int4, "fake_quantized_weights": n_fake, "recipe": recipe},
             "trained": what,

@@ -61,6 +61,9 @@ class DistillSettings:
     eval_limit: int = 64  # examples per task for the evals; 0: no evaluation
     log_every: int = 10
     loader_workers: int | None = None  # batch-making processes; None: 4 on CUDA, 0 (in process) on the CPU
+    fresh_speech: bool = (
+        False  # speech and spoken questions synthesised afresh each step (omniedge/distill/fresh.py)
+    )
 
     def __post_init__(self) -> None:
         self.loss_weights()  # validates temperature and weights
@@ -79,6 +82,18 @@ class DistillSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise OmniedgeError(f"distill {name} = {v!r} is not a positive number", f"give {name} > 0")
+        if self.loader_workers is not None and (
+            isinstance(self.loader_workers, bool)
+            or not isinstance(self.loader_workers, int)
+            or self.loader_workers < 0
+        ):
+            raise OmniedgeError(
+                f"distill loader_workers = {self.loader_workers!r} is not an integer >= 0", "give 0 or more"
+            )
+        if not isinstance(self.fresh_speech, bool):
+            raise OmniedgeError(
+                f"distill fresh_speech = {self.fresh_speech!r} is not true or false", "give true or false"
+            )
         if self.eval_every < 0 or self.eval_limit < 0:
             raise OmniedgeError("distill eval_every and eval_limit must be >= 0", "fix the values")
         for name, choices in (("train", TRAIN_CHOICES), ("int4", INT4_CHOICES), ("precision", PRECISIONS)):

@@ -104,7 +104,10 @@ class SpeechMaker:
         return log_mel_fast(audio)
 
     def speech(self, rng: np.random.Generator, words_fraction: float = 0.0) -> Example:
-        text = self.text(rng, words_fraction)
+        return self.speech_of(self.text(rng, words_fraction), rng)
+
+    def speech_of(self, text: str, rng: np.random.Generator) -> Example:
+        """`text` spoken by a random training voice, as a transcription example."""
         mel = self._spoken(text, rng)
         return Example("speech", self.tok.encode(text).ids, self.asr_prompt, mel=mel, reference=text,
                        kind="speech", spoken=ctc_target(self.tok, text))  # fmt: skip
@@ -120,7 +123,10 @@ class SpeechMaker:
             if self.scene_p is not None
             else rng.integers(len(self.scenes))
         )
-        scene = self.scenes[int(pick)]
+        return self.mixed_of(self.scenes[int(pick)], rng)
+
+    def mixed_of(self, scene: Example, rng: np.random.Generator) -> Example:
+        """`scene`'s question spoken by a random training voice, as a spoken-question example."""
         question = self.tok.decode(scene.prompt).strip().rstrip("?").strip()
         mel = self._spoken(question, rng)
         return replace(
