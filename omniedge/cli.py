@@ -333,7 +333,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] == "help":  # `omniedge` and `omniedge help [COMMAND]`: the help, not an error
+        if len(argv) > 1:
+            return main([argv[1], "--help"])
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return _dispatch(args)
     except OmniedgeError as e:

@@ -92,3 +92,14 @@ def test_unavailable_execution_provider_is_a_clear_error() -> None:
     r = _cli("run", "--providers", "no-such-provider", "-p", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no-such-provider" in r.stderr and "fix:" in r.stderr
+
+
+def test_bare_command_and_help_word_print_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """`omniedge` alone and `omniedge help [COMMAND]`, as a new user may type them: help, exit 0."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: omniedge") and all(cmd in out for cmd in SUBCOMMANDS)
+    assert main(["help"]) == 0 and capsys.readouterr().out == out
+    with pytest.raises(SystemExit) as e:
+        main(["help", "eval"])
+    assert e.value.code == 0 and "omniedge eval" in capsys.readouterr().out
