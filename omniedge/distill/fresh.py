@@ -90,8 +90,8 @@ class FreshSpeech:
             n += len(answer) + 1
         return n
 
-    def micro_batch(self, step: int, rank: int, m: int) -> list[Example]:
-        """This process's micro-batch `m` of the step: its slot's positions, synthesised."""
+    def micro_batch(self, step: int, rank: int, m: int, limit: int | None = None) -> list[Example]:
+        """This process's micro-batch `m` of the step: its slot's positions (the first `limit`), synthesised."""
         if self._maker is None:
             from omniedge.training.synth import SpeechMaker
 
@@ -100,7 +100,7 @@ class FreshSpeech:
             )
         picks = self.picks(step)
         out = []
-        for pos in range(rank * self.accum + m, len(picks), self.slots):
+        for pos in list(range(rank * self.accum + m, len(picks), self.slots))[:limit]:
             task, i = picks[pos]
             rng = np.random.default_rng([self.seed, _STREAM, step, pos])
             out.append(

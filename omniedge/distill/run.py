@@ -252,7 +252,7 @@ def distill(
         from omniedge.training.kernels import set_encoder_attention
 
         sample = data.examples[:: max(1, len(data.examples) // 16)] + (
-            fresh.micro_batch(0, 0, 0)[:4] if fresh else []
+            fresh.micro_batch(0, 0, 0, limit=4) if fresh else []
         )
         probe = collate(
             ChatTokens.from_tokenizer(student.tokenizer), sample, positions=True, device=acc.device

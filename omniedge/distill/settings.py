@@ -61,9 +61,7 @@ class DistillSettings:
     eval_limit: int = 64  # examples per task for the evals; 0: no evaluation
     log_every: int = 10
     loader_workers: int | None = None  # batch-making processes; None: 4 on CUDA, 0 (in process) on the CPU
-    fresh_speech: bool = (
-        False  # speech and spoken questions synthesised afresh each step (omniedge/distill/fresh.py)
-    )
+    fresh_speech: bool = False  # speech and spoken questions made afresh each step (distill/fresh.py)
 
     def __post_init__(self) -> None:
         self.loss_weights()  # validates temperature and weights

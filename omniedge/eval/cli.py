@@ -71,9 +71,11 @@ def resolve_suite(suite: str) -> Path:
 
 def _pack_split(root: Path) -> str | None:
     """The split a training pack is scored on (test if it has one, else val); None for a dataset."""
+    from omniedge.training.pack import read_pack_meta
+
     if not (root / "pack.json").is_file():
         return None
-    counts = json.loads((root / "pack.json").read_text()).get("counts", {})
+    counts = read_pack_meta(root).get("counts", {})
     return "test" if any(k.endswith("/test") for k in counts) else "val"
 
 
