@@ -245,9 +245,17 @@ class OrtThinker:
         return out
 
 
-def make_thinker(manifest: Any, backend: Any, max_context: int, prefill_chunk: int | None = None) -> Any:
+def make_thinker(
+    manifest: Any,
+    backend: Any,
+    max_context: int,
+    prefill_chunk: int | None = None,
+    warm_up: bool | None = None,
+) -> Any:
     """The runner for the bundle's thinker flavour: `OrtThinker` (device-resident cache) or the portable
-    `NumpyCacheThinker`. Refuses a bundle whose graph needs an execution provider this session lacks."""
+    `NumpyCacheThinker`. Refuses a bundle whose graph needs an execution provider this session lacks.
+    `warm_up`: None lets the backend decide (once per session and context on a GPU); False skips it (a
+    probe that measures what each prompt adds)."""
     from omniedge.runtime.generate import NumpyCacheThinker
 
     g, t = manifest.thinker, manifest.text
@@ -273,6 +281,8 @@ def make_thinker(manifest: Any, backend: Any, max_context: int, prefill_chunk: i
         )
     rope = RopeSpec(np.asarray(g.inv_freq, np.float32), np.asarray(g.rope_axis, np.int64), g.rope_scaling)
     graph_id, warm = backend.next_thinker(max_context)
+    if warm_up is not None:
+        warm = warm and warm_up
     return OrtThinker(
         backend.session,
         backend.device,
