@@ -39,6 +39,7 @@ def probe(
     runs: int,
     cuda_graph: bool = True,
     prefill_chunk: int | None = None,
+    prefill_buckets: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     import numpy as np
 
@@ -55,7 +56,9 @@ def probe(
     backend.load()
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    runner = make_thinker(m, backend, max(contexts) + new_tokens + 8, prefill_chunk)  # on CUDA: the warm-up
+    runner = make_thinker(  # on CUDA: the warm-up
+        m, backend, max(contexts) + new_tokens + 8, prefill_chunk, prefill_buckets=prefill_buckets
+    )
     init_s = time.perf_counter() - t0
     used_loaded = gpu_used_bytes()
     table = np.load(m.embed_file, mmap_mode="r")
@@ -66,6 +69,7 @@ def probe(
         "cuda_graph": backend.cuda_graph,
         "settings": backend.cuda_settings,
         "prefill_chunk": prefill_chunk,
+        "prefill_buckets": list(runner.prefill_buckets) if hasattr(runner, "prefill_buckets") else None,
         "load_s": load_s,
         "thinker_init_s": init_s,  # buffers, and on CUDA the warm-up prefill at the full context
         "contexts": [],
@@ -123,8 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--no-cuda-graph", action="store_true")
     p.add_argument("--prefill-chunk", type=int, help="prompt pieces of this many tokens (default: whole)")
+    p.add_argument(
+        "--prefill-buckets",
+        help="prompt piece lengths, comma-separated, or 'none' for whole prompts (default: the runtime's choice)",
+    )
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
+    buckets = None
+    if a.prefill_buckets:
+        buckets = () if a.prefill_buckets == "none" else tuple(int(x) for x in a.prefill_buckets.split(","))
     r = probe(
         a.bundle,
         a.providers,
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         a.runs,
         not a.no_cuda_graph,
         a.prefill_chunk,
+        buckets,
     )
     from omniedge.atomic import atomic_write_json
 

@@ -8,7 +8,8 @@ Qwen3's softmax -> top-k -> renormalise; INT4 experts interleaved gate/up, SwiGL
 (bound to one device buffer by the runtime: updated in place, never concatenated), with the rotary
 embedding applied inside it from cos/sin tables the runtime binds (a plain-position table for decode,
 per-token M-RoPE rows for a prefill with images). Residual adds are fused into the RMSNorms
-(`SkipSimplifiedLayerNormalization`). Only the last position's logits leave the graph, plus their argmax
+(`SkipSimplifiedLayerNormalization`). Only one position's logits leave the graph (`logits_index`: the
+prompt's last token, which need not be the run's last when the runtime pads a prompt), plus their argmax
 (greedy decoding reads 8 bytes, not the vocabulary). No If, no Loop, no Shape: every shape is a constant,
 so ONNX Runtime can capture the decode step as a CUDA graph.
 
@@ -28,8 +29,6 @@ from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
 from omniedge.export.ort_weights import Weights, qmoe_weight
 from omniedge.export.thinker_spec import Options, TextConfig, decode_cost, io_contract
 from omniedge.weights import TensorSource, fused_experts, layer_prefix
-
-INT64_MAX = 2**63 - 1
 
 
 class ThinkerBuilder:
@@ -257,7 +256,9 @@ class ThinkerBuilder:
             if progress is not None:
                 progress.update(1)
         normed, _ = self.skip_norm(resid, mlp_out, "thinker.model.norm.weight", "final_norm")
-        last = b.op("Slice", [normed, b.ints([-1], "start"), b.ints([INT64_MAX], "end"), b.ints([1], "axis")])
+        # the one position whose logits leave the graph (the prompt's last real token: a padded prompt's pads
+        # come after it)
+        last = b.op("Gather", [normed, "logits_index"], axis=1)
         logits = self.linear(last, ["thinker.lm_head"], [c.vocab], c.hidden, "lm_head")
         logits = self.reshape(logits, [1, c.vocab])
         b.op_into("Cast", [logits], ["logits"], to=1)

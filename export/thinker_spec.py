@@ -94,7 +94,8 @@ class Options:
 
 def io_contract(cfg: TextConfig, num_deepstack: int, dtype: str) -> tuple[list[tuple], list[tuple]]:
     """(inputs, outputs) as (name, dtype, shape). `seq`: new tokens; `max_context`: the KV buffer length
-    (a runtime setting, not a rebuild); `rope_rows`: rows of the cos/sin tables (>= past + seq)."""
+    (a runtime setting, not a rebuild); `rope_rows`: rows of the cos/sin tables (>= past + seq);
+    `logits_index`: which of the `seq` new tokens' logits leave the graph."""
     h, kv, hd = cfg.hidden, cfg.kv_heads, cfg.head_dim
     ins: list[tuple] = [("inputs_embeds", dtype, [1, "seq", h])]
     if num_deepstack:
@@ -105,6 +106,7 @@ def io_contract(cfg: TextConfig, num_deepstack: int, dtype: str) -> tuple[list[t
         ("sin_cache", dtype, ["rope_rows", hd // 2]),
         ("seqlens_k", "int32", [1]),
         ("total_sequence_length", "int32", []),
+        ("logits_index", "int64", [1]),
     ]
     outs: list[tuple] = [("logits", "float32", [1, cfg.vocab]), ("next_token", "int64", [1])]
     for i in range(cfg.layers):

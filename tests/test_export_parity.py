@@ -457,7 +457,7 @@ def test_manifest_follows_the_contract(bundles: dict[str, Path]) -> None:
         ("window_ids", ["num_tokens"], "int64"),
     ]
     assert outs["audio"] == [("audio_embeds", ["num_tokens", 128], "float32")]
-    assert ins["thinker"][:7] == [
+    assert ins["thinker"][:8] == [
         ("inputs_embeds", [1, "seq", 128], "float32"),
         ("deepstack_embeds", [1, 1, "seq", 128], "float32"),
         ("position_ids", [1, "seq"], "int64"),
@@ -465,8 +465,9 @@ def test_manifest_follows_the_contract(bundles: dict[str, Path]) -> None:
         ("sin_cache", ["rope_rows", 16], "float32"),
         ("seqlens_k", [1], "int32"),
         ("total_sequence_length", [], "int32"),
+        ("logits_index", [1], "int64"),
     ]
-    assert ins["thinker"][7] == ("past_key_values.0.key", [1, 2, "max_context", 32], "float32")
+    assert ins["thinker"][8] == ("past_key_values.0.key", [1, 2, "max_context", 32], "float32")
     assert outs["thinker"][:2] == [
         ("logits", [1, m["text"]["vocab_size"]], "float32"),
         ("next_token", [1], "int64"),

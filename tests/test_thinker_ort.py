@@ -276,6 +276,32 @@ def test_a_prompt_prefilled_in_pieces_answers_as_a_whole(odd: dict[str, Any], ki
     assert got == ref
 
 
+@pytest.mark.parametrize("kind", ["text", "image+audio"])
+def test_a_prompt_padded_to_fixed_lengths_answers_as_a_whole(odd: dict[str, Any], kind: str) -> None:
+    """`prefill_buckets` (what the runtime does on CUDA): pieces of the largest length, the last padded with
+    zeros after the prompt's last token; the prompt's logits equal the whole prefill's, and the decode steps
+    that overwrite the pads' cache rows give transformers' greedy answer."""
+    from omniedge.runtime.app import Omni
+
+    media = _media(kind)
+    with Omni.load(odd["fp32"]) as whole:
+        prompt = whole.preprocess(PROMPT, **media)
+        inputs = whole.thinker_inputs(prompt)
+        seq = inputs.inputs_embeds.shape[1]
+        big = 8 if seq % 8 else 7
+        buckets = (min(seq % big + 2, big), big)  # the last piece is padded by 2 (or up to `big`)
+        args = (inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds)
+        ref_logits = whole.thinker.prefill(*args).logits()
+        with Omni.load(odd["fp32"], prefill_buckets=buckets) as padded:
+            plan = padded.thinker.pieces(seq)
+            assert len(plan) >= 2 and plan[-1][2] > plan[-1][1] - plan[-1][0]
+            got_logits = padded.thinker.prefill(*args).logits()
+            assert np.abs(got_logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+            got = padded.chat(PROMPT, max_new_tokens=NEW, **media).token_ids
+    ref, _, _ = hf_greedy(odd["model"], prompt, whole.manifest.eos_token_ids, NEW)
+    assert got == ref
+
+
 def test_prefill_chunk_must_be_positive(odd: dict[str, Any]) -> None:
     from omniedge.runtime.app import Omni
 

@@ -56,6 +56,8 @@ def main(path: str, seq: int = 12, rows: int = 32) -> None:
         "cos_cache": np.cos(angles).astype(np.float16),
         "sin_cache": np.sin(angles).astype(np.float16),
     }
+    if "logits_index" in inputs:  # graphs exported since the runtime pads prompts
+        feed["logits_index"] = np.array([seq - 1], np.int64)
     if "deepstack_embeds" in inputs:
         feed["deepstack_embeds"] = np.zeros(
             (_dims(inputs["deepstack_embeds"])[0], 1, seq, hidden), np.float16

@@ -30,8 +30,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cuDNN flash attention on": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"},
     "cuDNN flash attention off": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
     "QMoE GEMV off": {"ORT_DISABLE_MOE_GEMV": "1"},
-    "prompts in 512-token pieces": {"--prefill-chunk": "512"},
-    "prompts in 1024-token pieces": {"--prefill-chunk": "1024"},
+    "whole prompts (no fixed lengths)": {"--prefill-buckets": "none"},
+    "prompts in 512-token pieces": {"--prefill-chunk": "512", "--prefill-buckets": "none"},
+    "prompts in 1024-token pieces": {"--prefill-chunk": "1024", "--prefill-buckets": "none"},
 }
 
 

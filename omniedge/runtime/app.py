@@ -70,15 +70,19 @@ class Omni:
         max_context: int | None = None,
         max_queue: int | None = None,
         prefill_chunk: int | None = None,
+        prefill_buckets: tuple[int, ...] | None = None,
     ) -> None:
         self.manifest = manifest
         self.prefill_chunk = prefill_chunk
+        self.prefill_buckets = prefill_buckets
         self.tokenizer = tokenizer
         self.embed_table = embed_table
         self.engines = engines
         t = manifest.text
         self.max_context = min(max_context or DEFAULT_CONTEXT, t.max_position_embeddings)
-        self._thinker: Any = make_thinker(manifest, engines["thinker"], self.max_context, prefill_chunk)
+        self._thinker: Any = make_thinker(
+            manifest, engines["thinker"], self.max_context, prefill_chunk, prefill_buckets=prefill_buckets
+        )
         self._queue = AdmissionQueue(max_queue)
         self.scheduler: Any = None  # a runtime.scheduler.Scheduler when loaded with a memory budget
         a = manifest.audio
@@ -101,13 +105,16 @@ class Omni:
         max_queue: int | None = None,
         cuda_graph: bool = True,
         prefill_chunk: int | None = None,
+        prefill_buckets: tuple[int, ...] | None = None,
     ) -> Omni:
         """Read the manifest, tokenizer and embeddings, and load every engine (CPU unless `providers`).
 
         `max_context` sizes the thinker's KV cache (allocated once, default 4096 tokens, at most the model's
         limit); `cuda_graph` replays the decode step as a CUDA graph when the CUDA provider runs it;
         `prefill_chunk` feeds long prompts to the ORT thinker in pieces of that many tokens (CPU workspaces
-        scale with the piece, not the prompt; on CUDA it raised GPU memory, measured; None: whole).
+        scale with the piece, not the prompt; on CUDA it raised GPU memory, measured; None: whole);
+        `prefill_buckets` the lengths a prompt's pieces are padded to (None: the runtime's choice, fixed
+        lengths on CUDA, whole prompts on the CPU; (): whole prompts; runtime/thinker_ort.py says why).
         With `memory_budget` ("6GB", "50%", bytes) only the pinned engines load now, the others on demand,
         and the context is what the budget leaves (or `max_context`, if it fits); BudgetError otherwise.
         """
@@ -144,6 +151,7 @@ class Omni:
                 max_context,
                 max_queue,
                 prefill_chunk=prefill_chunk,
+                prefill_buckets=prefill_buckets,
             )
         load_seconds: dict[str, float] = {}
         for name, eng in engines.items():
@@ -158,6 +166,7 @@ class Omni:
             max_context=max_context,
             max_queue=max_queue,
             prefill_chunk=prefill_chunk,
+            prefill_buckets=prefill_buckets,
         )
         omni.load_seconds = load_seconds
         return omni
@@ -167,7 +176,11 @@ class Omni:
         """The thinker's runner (its KV cache allocated for `max_context`); made again after `close`."""
         if self._thinker is None:
             self._thinker = make_thinker(
-                self.manifest, self.engines["thinker"], self.max_context, self.prefill_chunk
+                self.manifest,
+                self.engines["thinker"],
+                self.max_context,
+                self.prefill_chunk,
+                prefill_buckets=self.prefill_buckets,
             )
         return self._thinker
 

@@ -135,6 +135,7 @@ def load_with_budget(
     headroom: int = DEFAULT_HEADROOM,
     meter: MemoryMeter | None = None,
     prefill_chunk: int | None = None,
+    prefill_buckets: tuple[int, ...] | None = None,
 ) -> Omni:
     """An Omni whose engines run through a Scheduler; BudgetError at once when the budget cannot work."""
     providers = _providers(backends)
@@ -148,7 +149,13 @@ def load_with_budget(
     scheduler = Scheduler(backends, plan, meter, store)
     if _needs_probe(plan):
         probe = cls(
-            m, tokenizer, embed, scheduler.engines, max_context=plan.max_context, prefill_chunk=prefill_chunk
+            m,
+            tokenizer,
+            embed,
+            scheduler.engines,
+            max_context=plan.max_context,
+            prefill_chunk=prefill_chunk,
+            prefill_buckets=prefill_buckets,
         )
         probe.scheduler = scheduler  # its runs (the thinker's prefill too) go through the scheduler
         _probe(probe)
@@ -169,6 +176,7 @@ def load_with_budget(
         max_context=scheduler.plan.max_context,
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
+        prefill_buckets=prefill_buckets,
     )
     omni.scheduler = scheduler
     return omni

@@ -6,6 +6,17 @@ attention appends in place and nothing travels between steps but the new token's
 position and the lengths (a few bytes). Decode binds the same buffers every step, so on CUDA the step is
 captured once as a CUDA graph and replayed; prefill (any length) runs outside the captured graph. Greedy
 decoding reads the graph's argmax; sampling copies the logits. The same code runs on the CPU.
+
+Prompt shapes on CUDA: ONNX Runtime's CUDA kernels pay a one-time cost for every new prompt length (QMoE
+profiles its grouped-GEMM tactics per power-of-two bucket, and each new shape costs ~0.4 s more): on the
+H200 a request whose length had not been seen took 0.4-11 s to its first token where a repeat took 7-251 ms
+(bench/results/2026-12-01-h200-prefill-shapes.md). So on CUDA the runtime feeds prompts in pieces of a few
+fixed lengths (`prefill_buckets`): pieces of the largest, the last piece padded with zero embeddings up to
+the smallest bucket that holds it (pads come after the prompt's last token, so causal attention keeps them
+out of every real token; `logits_index` picks the last real token's logits; the decode steps overwrite
+their cache rows). The warm-up at load runs each bucket once, then returns the arena's free memory to the
+device before the decode step is captured: prefill workspaces are then those of the largest bucket, not of
+the longest prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import numpy as np
 
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.mrope import rope_rows
+from omniedge.runtime.prefill_pieces import CUDA_PREFILL_BUCKETS, check_buckets, plan_pieces
 
 _NP = {"float16": np.float16, "float32": np.float32}
 
@@ -66,6 +78,8 @@ class OrtThinker:
         warm_up: bool = True,
         prefill_chunk: int | None = None,
         graph_id: int = 1,
+        prefill_buckets: tuple[int, ...] = (),
+        has_logits_index: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -81,6 +95,8 @@ class OrtThinker:
                 f"prefill_chunk is {prefill_chunk}", "pass a positive number of tokens, or None"
             )
         self.prefill_chunk = prefill_chunk
+        self.prefill_buckets = check_buckets(prefill_buckets, prefill_chunk, has_logits_index)
+        self.has_logits_index = has_logits_index
         self.graph_id = graph_id
         self.num_layers = num_layers
         kv_shape = [1, num_kv_heads, self.max_context, head_dim]
@@ -97,8 +113,9 @@ class OrtThinker:
         self.d_position = self._alloc([1, 1], np.int64)
         self.d_seqlens = self._alloc([1], np.int32)
         self.d_total = ort.OrtValue.ortvalue_from_numpy(
-            np.array(0, np.int32)
-        )  # read on the host by attention
+            np.array(self.max_context, np.int32)
+        )  # read on the host by attention; see decode
+        self.d_logits_index = self._value(np.zeros(1, np.int64))  # decode: its one token
         cos, sin = rope.rows(np.broadcast_to(np.arange(self.max_context), (3, self.max_context)))
         self.d_cos, self.d_sin = self._value(cos.astype(self.dtype)), self._value(sin.astype(self.dtype))
         self._decode = self._bind_decode()
@@ -143,6 +160,8 @@ class OrtThinker:
         io.bind_ortvalue_input("sin_cache", self.d_sin)
         io.bind_ortvalue_input("seqlens_k", self.d_seqlens)
         io.bind_ortvalue_input("total_sequence_length", self.d_total)
+        if self.has_logits_index:
+            io.bind_ortvalue_input("logits_index", self.d_logits_index)
         return io
 
     def _run(self, io: Any, opts: Any) -> StepOutput:
@@ -160,7 +179,10 @@ class OrtThinker:
     # ------------------------------------------------------------ steps
 
     def warm_up(self) -> None:
-        """One prefill of `max_context` zero embeddings, then an empty cache.
+        """Each prompt shape this runner will run, once, then an empty cache: with `prefill_buckets`, one
+        prefill per bucket, the last returning the device arena's free memory (before the decode step is
+        captured, so the captured graph's buffers are allocated afterwards and never returned); without,
+        one prefill of `max_context` zero embeddings.
 
         On CUDA, the first prompt of each new length makes ONNX Runtime pick GEMM tactics and grow its
         device arena. Done after the decode step is captured as a CUDA graph, a long prompt grew GPU
@@ -170,19 +192,38 @@ class OrtThinker:
         omni-mini prompts there came back with NaN logits (with it: 32 of 32 requests equal transformers).
         It costs load time: about 19 s at 4168 tokens there, paid again whenever the thinker is reloaded.
         """
-        n = self.max_context
-        embeds = np.zeros((1, n, self.hidden), self.dtype)
-        self.prefill(embeds, np.broadcast_to(np.arange(n), (3, n)), None)
+        sizes = [b for b in self.prefill_buckets if b <= self.max_context] or [self.max_context]
+        for i, n in enumerate(sizes):
+            shrink = self.shrink_at_warm_up and i == len(sizes) - 1
+            opts = self._shrink_opts() if shrink else None
+            embeds = np.zeros((1, n, self.hidden), self.dtype)
+            self.prefill(embeds, np.broadcast_to(np.arange(n), (3, n)), None, _opts=opts)
         self.cache_len = 0
 
+    @property
+    def shrink_at_warm_up(self) -> bool:
+        # only the session's first runner: a later one's warm-up must not free a captured graph's buffers
+        return bool(self.prefill_buckets) and self.device != "cpu" and self.graph_id == 1
+
+    def _shrink_opts(self) -> Any:
+        opts = self._ort.RunOptions()
+        if self.cuda_graph:
+            opts.add_run_config_entry("gpu_graph_id", "-1")
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+        return opts
+
     def prefill(
-        self, inputs_embeds: np.ndarray, positions: np.ndarray, deepstack: np.ndarray | None
+        self,
+        inputs_embeds: np.ndarray,
+        positions: np.ndarray,
+        deepstack: np.ndarray | None,
+        _opts: Any = None,
     ) -> StepOutput:
         """A new request: `inputs_embeds` [1, seq, H], M-RoPE `positions` [3, seq]; the cache starts empty.
 
-        With `prefill_chunk` set, the prompt goes through in pieces of at most that many tokens, each attending
-        to the cache the earlier ones wrote (GroupQueryAttention's past + new tokens): a prefill's workspaces
-        then scale with the chunk, not the prompt. The last piece's logits are the prompt's."""
+        The prompt goes through in the pieces `pieces` gives (one piece unless `prefill_buckets` or
+        `prefill_chunk` is set), each attending to the cache the earlier ones wrote (GroupQueryAttention's
+        past + new tokens). The last piece's logits are the prompt's."""
         seq = int(inputs_embeds.shape[1])
         if seq < 1 or seq > self.max_context:
             raise OmniedgeError(
@@ -192,41 +233,65 @@ class OrtThinker:
         if self.num_deepstack and deepstack is None:
             deepstack = np.zeros((self.num_deepstack, 1, seq, self.hidden), self.dtype)
         cos, sin = self.rope.rows(positions)
-        step = self.prefill_chunk or seq
+        if self.prefill_buckets:  # one table shape for every piece: rows past the prompt are the pads'
+            cos, sin = (
+                np.concatenate([t, np.zeros((self.max_context - seq, t.shape[1]), t.dtype)])
+                for t in (cos, sin)
+            )
         out: StepOutput | None = None
-        for start in range(0, seq, step):
-            end = min(seq, start + step)
+        for start, end, width in self.pieces(seq):
+            rows = len(cos) if self.prefill_buckets else start + width  # at least up to the piece's end
             out = self._prefill_piece(
                 inputs_embeds[:, start:end],
                 None if deepstack is None else deepstack[:, :, start:end],
-                cos[:end],  # GroupQueryAttention wants table rows for every position up to the piece's end
-                sin[:end],
+                cos[:rows],
+                sin[:rows],
                 start,
+                width,
+                _opts,
             )
         self.cache_len = seq
         assert out is not None
         return out
 
+    def pieces(self, seq: int) -> list[tuple[int, int, int]]:
+        return plan_pieces(seq, self.prefill_buckets, self.prefill_chunk, self.max_context)
+
     def _prefill_piece(
-        self, embeds: np.ndarray, deepstack: np.ndarray | None, cos: np.ndarray, sin: np.ndarray, past: int
+        self,
+        embeds: np.ndarray,
+        deepstack: np.ndarray | None,
+        cos: np.ndarray,
+        sin: np.ndarray,
+        past: int,
+        width: int,
+        opts: Any = None,
     ) -> StepOutput:
-        """Tokens past..past+n-1 of a prompt, the first `past` already in the cache; `cos`/`sin` are the
-        prompt's rotary rows 0..past+n-1, of which these tokens take the last n."""
+        """Tokens past..past+n-1 of a prompt, the first `past` already in the cache, run as `width` tokens
+        (zero pads after the n real ones); `cos`/`sin` hold a row for each position up to past+width."""
         n = int(embeds.shape[1])
+        if width > n:
+            pad = [(0, 0)] * embeds.ndim
+            pad[-2] = (0, width - n)
+            embeds = np.pad(embeds, pad)
+            if deepstack is not None:
+                deepstack = np.pad(deepstack, [(0, 0), (0, 0), (0, width - n), (0, 0)])
         io = self.session.io_binding()
         self._bind_common(io)
         io.bind_ortvalue_input("inputs_embeds", self._value(embeds.astype(self.dtype)))
         if self.num_deepstack:
             io.bind_ortvalue_input("deepstack_embeds", self._value(np.asarray(deepstack).astype(self.dtype)))
-        rows = np.arange(past, past + n, dtype=np.int64)[None]
+        rows = np.arange(past, past + width, dtype=np.int64)[None]
         io.bind_ortvalue_input("position_ids", self._value(rows))  # rows of the tables below
         io.bind_ortvalue_input("cos_cache", self._value(cos.astype(self.dtype)))
         io.bind_ortvalue_input("sin_cache", self._value(sin.astype(self.dtype)))
-        io.bind_ortvalue_input("seqlens_k", self._value(np.array([past + n - 1], np.int32)))
+        io.bind_ortvalue_input("seqlens_k", self._value(np.array([past + width - 1], np.int32)))
         io.bind_ortvalue_input(
-            "total_sequence_length", self._ort.OrtValue.ortvalue_from_numpy(np.array(past + n, np.int32))
+            "total_sequence_length", self._ort.OrtValue.ortvalue_from_numpy(np.array(past + width, np.int32))
         )
-        return self._run(io, self._prefill_opts)
+        if self.has_logits_index:
+            io.bind_ortvalue_input("logits_index", self._value(np.array([n - 1], np.int64)))
+        return self._run(io, opts or self._prefill_opts)
 
     def decode(self, embed_row: np.ndarray, position: int) -> StepOutput:
         """One token after the cached ones; `position` is its (plain) rotary position."""
@@ -237,9 +302,8 @@ class OrtThinker:
         self.d_embeds.update_inplace(np.asarray(embed_row, dtype=self.dtype).reshape(1, 1, self.hidden))
         self.d_position.update_inplace(np.array([[position]], np.int64))
         self.d_seqlens.update_inplace(np.array([self.cache_len], np.int32))  # total length - 1
-        # the buffer length, not the tokens so far: host-side attention parameters derived from it are then the
-        # same at every step, as a captured CUDA graph needs (seqlens_k carries the real length on the device)
-        self.d_total.update_inplace(np.array(self.max_context, np.int32))
+        # d_total holds the buffer length, not the tokens so far: host-side attention parameters derived from
+        # it are then the same at every step, as a captured CUDA graph needs (seqlens_k carries the real length)
         out = self._run(self._decode, self._decode_opts)
         self.cache_len += 1
         return out
@@ -251,11 +315,14 @@ def make_thinker(
     max_context: int,
     prefill_chunk: int | None = None,
     warm_up: bool | None = None,
+    prefill_buckets: tuple[int, ...] | None = None,
 ) -> Any:
     """The runner for the bundle's thinker flavour: `OrtThinker` (device-resident cache) or the portable
     `NumpyCacheThinker`. Refuses a bundle whose graph needs an execution provider this session lacks.
     `warm_up`: None lets the backend decide (once per session and context on a GPU); False skips it (a
-    probe that measures what each prompt adds)."""
+    probe that measures what each prompt adds). `prefill_buckets`: None is the runtime's choice
+    (`CUDA_PREFILL_BUCKETS` on a GPU when the graph can read a padded prompt's logits and no
+    `prefill_chunk` is asked for; whole prompts otherwise); () runs whole prompts."""
     from omniedge.runtime.generate import NumpyCacheThinker
 
     g, t = manifest.thinker, manifest.text
@@ -283,6 +350,10 @@ def make_thinker(
     graph_id, warm = backend.next_thinker(max_context)
     if warm_up is not None:
         warm = warm and warm_up
+    has_index = "logits_index" in backend.input_names()
+    if prefill_buckets is None:
+        gpu = backend.device != "cpu" and has_index and prefill_chunk is None
+        prefill_buckets = CUDA_PREFILL_BUCKETS if gpu else ()
     return OrtThinker(
         backend.session,
         backend.device,
@@ -299,4 +370,6 @@ def make_thinker(
         prefill_chunk=prefill_chunk,
         warm_up=warm,
         graph_id=graph_id,
+        prefill_buckets=prefill_buckets,
+        has_logits_index=has_index,
     )
