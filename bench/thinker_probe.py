@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     buckets = None
     if a.prefill_buckets:
-        buckets = () if a.prefill_buckets == "none" else tuple(int(x) for x in a.prefill_buckets.split(","))
+        spec = a.prefill_buckets.replace("/", ",")  # "/" too: kernel_sweep splits its variants on ","
+        buckets = () if spec == "none" else tuple(int(x) for x in spec.split(","))
     r = probe(
         a.bundle,
         a.providers,

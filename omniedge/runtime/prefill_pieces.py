@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from omniedge.errors import OmniedgeError
 
-# Prompt pieces on CUDA (see the module doc): short prompts padded to 128 (a 1..128-token prefill costs about the
-# same there), longer ones in 1024-token pieces. Measured: bench/results/2026-12-01-h200-prefill-shapes.md.
-CUDA_PREFILL_BUCKETS = (128, 256, 512, 1024)
+# Prompt pieces on CUDA (runtime/thinker_ort.py says why): short prompts padded to 128 tokens (a 1..128-token
+# prefill costs about the same there), longer ones in 512-token pieces: GPU memory 13% over weights + KV at 4096
+# tokens of context where 1024-token pieces took 15% and whole prompts 44%, for 4096-token prompts that take
+# 1.4x as long as in 1024-token pieces (bench/results/2026-12-01-h200-prefill-shapes.md).
+CUDA_PREFILL_BUCKETS = (128, 256, 512)
 
 
 def check_buckets(buckets: tuple[int, ...], chunk: int | None, has_logits_index: bool) -> tuple[int, ...]:

@@ -181,8 +181,8 @@ class OrtThinker:
     def warm_up(self) -> None:
         """Each prompt shape this runner will run, once, then an empty cache: with `prefill_buckets`, one
         prefill per bucket, the last returning the device arena's free memory (before the decode step is
-        captured, so the captured graph's buffers are allocated afterwards and never returned); without,
-        one prefill of `max_context` zero embeddings.
+        captured, so the captured graph's buffers are allocated afterwards and never returned), then the
+        largest once more; without, one prefill of `max_context` tokens.
 
         On CUDA, the first prompt of each new length makes ONNX Runtime pick GEMM tactics and grow its
         device arena. Done after the decode step is captured as a CUDA graph, a long prompt grew GPU
@@ -193,10 +193,18 @@ class OrtThinker:
         It costs load time: about 19 s at 4168 tokens there, paid again whenever the thinker is reloaded.
         """
         sizes = [b for b in self.prefill_buckets if b <= self.max_context] or [self.max_context]
+        if self.shrink_at_warm_up:
+            # the last bucket's run returns the free memory (the kernels' tactic profiling left gigabytes);
+            # the largest bucket once more then takes back what a prompt needs, so the first request does
+            # not pay for device allocations
+            sizes = [*sizes, sizes[-1]]
+        # random embeddings, not zeros: the MoE kernels pick their tactics by timing these runs, and zeros
+        # send every token to the same experts, a routing no real prompt has
+        rng = np.random.default_rng(0)
         for i, n in enumerate(sizes):
-            shrink = self.shrink_at_warm_up and i == len(sizes) - 1
+            shrink = self.shrink_at_warm_up and i == len(sizes) - 2
             opts = self._shrink_opts() if shrink else None
-            embeds = np.zeros((1, n, self.hidden), self.dtype)
+            embeds = (rng.standard_normal((1, n, self.hidden)) * 0.02).astype(self.dtype)
             self.prefill(embeds, np.broadcast_to(np.arange(n), (3, n)), None, _opts=opts)
         self.cache_len = 0
 
@@ -240,7 +248,7 @@ class OrtThinker:
             )
         out: StepOutput | None = None
         for start, end, width in self.pieces(seq):
-            rows = len(cos) if self.prefill_buckets else start + width  # at least up to the piece's end
+            rows = start + width  # table rows up to the piece's end (pads' rows are zeros)
             out = self._prefill_piece(
                 inputs_embeds[:, start:end],
                 None if deepstack is None else deepstack[:, :, start:end],
