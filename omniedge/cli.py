@@ -175,8 +175,8 @@ def _parser() -> argparse.ArgumentParser:
         "--prefill-chunk",
         type=int,
         help="feed prompts to the thinker in pieces of this many tokens: on the CPU its workspaces then scale "
-        "with the piece, not the prompt (ort bundles; on CUDA it raised GPU memory: leave it off there; "
-        "default: whole prompts)",
+        "with the piece, not the prompt (ort bundles; default: whole prompts on the CPU; on CUDA leave it off: "
+        "the runtime cuts prompts into pieces of fixed lengths there, which this replaces)",
     )
     s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
     s.add_argument(

@@ -241,7 +241,7 @@ class OrtThinker:
         if self.num_deepstack and deepstack is None:
             deepstack = np.zeros((self.num_deepstack, 1, seq, self.hidden), self.dtype)
         cos, sin = self.rope.rows(positions)
-        if self.prefill_buckets:  # one table shape for every piece: rows past the prompt are the pads'
+        if self.prefill_buckets:  # rows for the pads too (zeros): a padded piece reads past the prompt
             cos, sin = (
                 np.concatenate([t, np.zeros((self.max_context - seq, t.shape[1]), t.dtype)])
                 for t in (cos, sin)
