@@ -662,6 +662,11 @@ def test_fresh_speech_distils_and_refuses_a_cache_or_a_data_set(
     assert fresh["per_step"] == {"speech": 2, "mixed": 2} and fresh["sentences"] > 0
     assert set(meta["data"]["examples"]) == {"text", "image"}  # all audio in training was made afresh
     assert meta["curve"] and all(r["examples_per_step"] == 4 + 2 + 2 + 2 for r in meta["curve"])
+    weighted = tmp_path / "kd-kinds"
+    assert _cli("distill", "tiny", student, "-o", weighted, *args, "--fresh-speech", "--mixed-kinds",
+                '{"count": 2}') == 0  # fmt: skip
+    kinds = json.loads((weighted / "omniedge.json").read_text())["distill"]["data"]["fresh_speech"]
+    assert kinds["mixed_kinds"] == {"count": 2.0}
     capsys.readouterr()
     cache = _cli("distill", "tiny", student, "-o", tmp_path / "c", *args, "--fresh-speech",
                  "--teacher-cache", tmp_path / "cache")  # fmt: skip
@@ -670,3 +675,38 @@ def test_fresh_speech_distils_and_refuses_a_cache_or_a_data_set(
         "distill", "tiny", student, "-o", tmp_path / "d", *_toy_args(toy, "--steps", "1"), "--fresh-speech"
     )
     assert data_set == 2 and "is a data set" in capsys.readouterr().err
+
+
+@needs_espeak
+def test_fresh_spoken_questions_follow_their_kind_weights(speech_pack: Path) -> None:
+    """`--mixed-kinds`: the spoken questions made afresh are drawn by kind weight, as omni-mini's training
+    draws them; unweighted picks stay what they were; weights without fresh speech are refused."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    from omniedge.distill.fresh import FreshSpeech
+    from omniedge.distill.settings import DistillSettings
+    from omniedge.errors import OmniedgeError
+    from omniedge.training.pack import load_pack_examples
+
+    tok = Tokenizer.from_file(str(speech_pack / "tokenizer.json"))
+    scenes = load_pack_examples(speech_pack, "image", "train")  # the toy's questions are all "count"
+    scenes = [replace(e, kind="where") if i % 3 == 0 else e for i, e in enumerate(scenes)]
+    per = {"speech": 0, "mixed": 40}
+    plain = FreshSpeech(speech_pack, tok, scenes, per, seed=0, world=1, accum=1)
+    where = FreshSpeech(speech_pack, tok, scenes, per, seed=0, world=1, accum=1, mixed_kinds={"where": 50.0})
+    kinds = [e.kind for e in plain.scenes]
+    assert "where" in kinds and len(set(kinds)) > 1
+
+    def share(f: FreshSpeech) -> float:
+        picked = [f.scenes[i].kind for s in range(5) for _, i in f.picks(s)]
+        return picked.count("where") / len(picked)
+
+    assert share(where) > 0.8 > share(plain)
+    assert where.identity()["mixed_kinds"] == {"where": 50.0} and plain.identity()["mixed_kinds"] is None
+    with pytest.raises(OmniedgeError, match="fresh speech is off"):
+        DistillSettings(mixed_kinds={"where": 2.0})
+    with pytest.raises(OmniedgeError, match="not one of"):
+        DistillSettings(fresh_speech=True, mixed_kinds={"why": 2.0})
+    assert DistillSettings(fresh_speech=True, mixed_kinds={"where": 2}).mixed_kinds == {"where": 2.0}

@@ -18,6 +18,7 @@ om() { python3 -m omniedge "$@"; }
 KD="--data $P --device cuda --time-budget ${BUDGET:-270} --eval-limit 200 --eval-every ${EVAL_EVERY:-400} --save-every 100"
 [ -n "${BATCH:-}" ] && KD="$KD --batch $BATCH"
 [ -n "${FRESH:-}" ] && KD="$KD --fresh-speech --loader-workers ${WORKERS:-14}"  # needs espeak-ng in /root/site (.whl)
+[ -n "${KINDS:-}" ] && KD="$KD --mixed-kinds $KINDS"  # with FRESH=1: spoken-question kind weights, JSON without spaces
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in

@@ -82,6 +82,11 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
         "sentences and scene questions (teacher on the fly; more --loader-workers on a GPU)",
     )
     d.add_argument(
+        "--mixed-kinds",
+        type=json.loads,
+        help='with --fresh-speech: sampling weight per spoken-question kind, JSON: {"where": 3} (others 1)',
+    )
+    d.add_argument(
         "--loader-workers", type=int, help="batch-making processes (default: 4 on CUDA, 0 on the CPU)"
     )
     d.add_argument("--save-every", type=int, default=dflt.save_every, help="checkpoint every N steps")
@@ -110,7 +115,7 @@ def settings_from(args: argparse.Namespace) -> DistillSettings:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, int4=args.int4, router_aux=args.router_aux,
         precision=args.precision, limit=args.limit, save_every=args.save_every, eval_every=args.eval_every,
         eval_limit=args.eval_limit, log_every=args.log_every, fresh_speech=args.fresh_speech,
-        loader_workers=args.loader_workers,
+        loader_workers=args.loader_workers, mixed_kinds=args.mixed_kinds,
     )  # fmt: skip
     if batch is not None:
         kw["batch"] = batch

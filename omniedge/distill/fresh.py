@@ -40,9 +40,10 @@ class FreshSpeech:
         seed: int,
         world: int,
         accum: int,
+        mixed_kinds: dict[str, float] | None = None,
     ) -> None:
         from omniedge.data.build import MIXED_TASKS
-        from omniedge.training.synth import SENTENCES, read_speech_texts
+        from omniedge.training.synth import SENTENCES, mixed_kind_probabilities, read_speech_texts
 
         sentences, words, held_out = read_speech_texts(pack)
         if not sentences:
@@ -60,6 +61,9 @@ class FreshSpeech:
                 f"--fresh-speech asks for spoken questions, but {pack} holds no scene questions to speak",
                 'load its image examples (a pack with image/train), or give "mixed": 0 in --batch',
             )
+        # spoken-question kinds weighed as omni-mini's training weighs them (`--mixed-kinds`); None: uniform
+        self.mixed_kinds = dict(mixed_kinds) if mixed_kinds else None
+        self.scene_p = mixed_kind_probabilities([ex.kind for ex in self.scenes], self.mixed_kinds)
         self.tok, self.seed, self.slots, self.accum = tokenizer, seed, world * accum, accum
         self._sentences_sha = hashlib.sha256((Path(pack) / SENTENCES).read_bytes()).hexdigest()
         self._maker: Any = None  # made in the process that collates (each its own espeak-ng)
@@ -71,6 +75,7 @@ class FreshSpeech:
             "sentences_sha256": self._sentences_sha,
             "scenes": len(self.scenes),
             "per_step": self.per_task,
+            "mixed_kinds": self.mixed_kinds,
         }
 
     def picks(self, step: int) -> list[tuple[str, int]]:
@@ -79,7 +84,11 @@ class FreshSpeech:
         out: list[tuple[str, int]] = []
         for task in FRESH_TASKS:
             n, pool = self.per_task[task], len(self.sentences if task == "speech" else self.scenes)
-            out += [(task, int(i)) for i in rng.integers(0, pool, n)] if n else []
+            if not n:
+                continue
+            weighted = task == "mixed" and self.scene_p is not None
+            picked = rng.choice(pool, n, p=self.scene_p) if weighted else rng.integers(0, pool, n)
+            out += [(task, int(i)) for i in picked]
         return out
 
     def tokens(self, step: int) -> int:

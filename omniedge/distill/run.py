@@ -186,7 +186,7 @@ def distill(
     fresh = None
     if settings.fresh_speech:
         fresh = FreshSpeech(Path(data_source), student.tokenizer, [data.examples[i] for i in data.by_task.get("image", [])], fresh_batch,
-                            settings.seed, acc.num_processes, settings.grad_accum)  # fmt: skip
+                            settings.seed, acc.num_processes, settings.grad_accum, settings.mixed_kinds)  # fmt: skip
         say(f"fresh speech: {fresh.identity()}")
     modalities = data.modalities | ({"audio"} if any(fresh_batch.values()) else set())
     teacher_meta = pair.load_config_only(teacher_path)

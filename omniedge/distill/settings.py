@@ -62,6 +62,7 @@ class DistillSettings:
     log_every: int = 10
     loader_workers: int | None = None  # batch-making processes; None: 4 on CUDA, 0 (in process) on the CPU
     fresh_speech: bool = False  # speech and spoken questions made afresh each step (distill/fresh.py)
+    mixed_kinds: dict[str, float] | None = None  # with fresh_speech: sampling weight per spoken-question kind
 
     def __post_init__(self) -> None:
         self.loss_weights()  # validates temperature and weights
@@ -92,6 +93,19 @@ class DistillSettings:
             raise OmniedgeError(
                 f"distill fresh_speech = {self.fresh_speech!r} is not true or false", "give true or false"
             )
+        if self.mixed_kinds is not None:
+            from omniedge.training.synth import check_mixed_kind_weight
+
+            if not isinstance(self.mixed_kinds, dict):
+                raise OmniedgeError(
+                    f"distill mixed_kinds {self.mixed_kinds!r} is not a mapping", 'e.g. {"where": 3}'
+                )
+            if not self.fresh_speech:
+                raise OmniedgeError(
+                    "mixed_kinds weighs the spoken questions made afresh each step, and fresh speech is off",
+                    "add --fresh-speech (and a training pack as --data), or drop --mixed-kinds",
+                )
+            self.mixed_kinds = check_mixed_kind_weight(self.mixed_kinds)
         if self.eval_every < 0 or self.eval_limit < 0:
             raise OmniedgeError("distill eval_every and eval_limit must be >= 0", "fix the values")
         for name, choices in (("train", TRAIN_CHOICES), ("int4", INT4_CHOICES), ("precision", PRECISIONS)):
