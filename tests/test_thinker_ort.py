@@ -302,6 +302,15 @@ def test_a_prompt_padded_to_fixed_lengths_answers_as_a_whole(odd: dict[str, Any]
     assert got == ref
 
 
+def test_piece_lengths_beyond_the_context_are_dropped(odd: dict[str, Any]) -> None:
+    """A piece length the cache cannot hold is never warmed up or used: the pieces are the lengths that fit."""
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp32"], max_context=40, prefill_buckets=(8, 32, 64)) as omni:
+        assert omni.thinker.prefill_buckets == (8, 32)
+        assert omni.thinker.pieces(39) == [(0, 32, 32), (32, 39, 8)]
+
+
 def test_prefill_chunk_must_be_positive(odd: dict[str, Any]) -> None:
     from omniedge.runtime.app import Omni
 

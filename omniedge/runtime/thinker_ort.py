@@ -95,7 +95,9 @@ class OrtThinker:
                 f"prefill_chunk is {prefill_chunk}", "pass a positive number of tokens, or None"
             )
         self.prefill_chunk = prefill_chunk
-        self.prefill_buckets = check_buckets(prefill_buckets, prefill_chunk, has_logits_index)
+        # only lengths that fit the cache: the warm-up runs each, and pieces use nothing else
+        checked = check_buckets(prefill_buckets, prefill_chunk, has_logits_index)
+        self.prefill_buckets = tuple(b for b in checked if b <= self.max_context)
         self.has_logits_index = has_logits_index
         self.graph_id = graph_id
         self.num_layers = num_layers
