@@ -192,7 +192,8 @@ class OrtThinker:
         bench/results/2026-12-01-h200-decode-xqa-warmup.md). Done first, at load, the arena is sized once
         and the first real request is not slowed by the tactic profiling. Without it, two of the first three
         omni-mini prompts there came back with NaN logits (with it: 32 of 32 requests equal transformers).
-        It costs load time: about 19 s at 4168 tokens there, paid again whenever the thinker is reloaded.
+        It costs load time, paid again whenever the thinker is reloaded: 5.4 s for the fixed lengths on the
+        H200 (one whole-context prefill of 4,168 tokens took 18 s; bench/results/2026-12-01-h200-prefill-shapes.md).
         """
         sizes = [b for b in self.prefill_buckets if b <= self.max_context] or [self.max_context]
         if self.shrink_at_warm_up:
