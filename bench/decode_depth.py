@@ -44,6 +44,7 @@ def decode_at_depth(
     ttft: list[float] = []
     tokens: list[float] = []
     medians: list[float] = []
+    first_ttft = 0.0
     for _r in range(runs + 1):  # the first run warms up (allocations, kernel selection, graph capture)
         ids = rng.integers(0, vocab, size=context)
         embeds = np.asarray(table[ids], dtype=np.float32)[None]
@@ -59,7 +60,8 @@ def decode_at_depth(
             tok = next_token(thinker.decode(table[tok], context + n), params, rng)
             lat.append(time.perf_counter() - t)
             picked.append(tok)
-        if _r == 0:
+        if _r == 0:  # a prompt length this process has not run yet (after the runtime's own warm-up)
+            first_ttft = t_first
             continue
         ttft.append(t_first)
         tokens.extend(lat)
@@ -68,6 +70,8 @@ def decode_at_depth(
         "context": context,
         "new_tokens": new_tokens,
         "ttft_ms": percentiles(ttft),
+        # the first request of this length: on CUDA, kernels meeting a new prompt shape pay for it here
+        "ttft_first_request_ms": first_ttft * 1e3,
         "token_ms": percentiles(tokens),
         "decode_tok_s": (1e3 / float(np.median(np.asarray(tokens) * 1e3))) if tokens else None,
         "spread": run_spread(medians),

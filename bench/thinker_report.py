@@ -112,7 +112,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if r["roofline"] and r["roofline"].get("fraction_of_roofline"):
             r["orin_projection"] = orin_projection(cost, c, r["roofline"])
         report["contexts"].append(r)
-        print(f"context {c}: token p50 {p50 or 0:.3f} ms, ttft {r['ttft_ms']['mean']:.1f} ms", flush=True)
+        print(
+            f"context {c}: token p50 {p50 or 0:.3f} ms, ttft {r['ttft_ms']['mean']:.1f} ms "
+            f"(first request {r.get('ttft_first_request_ms', 0):.1f} ms)",
+            flush=True,
+        )
     report["memory"] = probe.get("memory")
     if args.profile and cost:
         out_dir = Path(args.json).parent
@@ -150,8 +154,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"- machine: {r['machine'].get('gpu') or r['machine'].get('cpu')}, providers {r.get('thinker_providers')}, "
         f"CUDA graph {r.get('cuda_graph')}, copy bandwidth {r.get('copy_bandwidth_gb_s') or 0:.0f} GB/s",
         "",
-        "| context | decode p50 / p90 / p99 ms | tok/s | TTFT ms | run spread | roofline ms | of roofline |",
-        "|---|---|---|---|---|---|---|",
+        "| context | decode p50 / p90 / p99 ms | tok/s | TTFT ms | first request's TTFT ms | run spread "
+        "| roofline ms | of roofline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in r["contexts"]:
         t, rf = c["token_ms"], c.get("roofline") or {}
@@ -159,14 +164,15 @@ def markdown(r: dict[str, Any]) -> str:
         pct_ms = " / ".join(f"{t[k]:.3f}" if t.get(k) is not None else "-" for k in ("p50", "p90", "p99"))
         lines.append(
             f"| {c['context']} | {pct_ms} "
-            f"| {c['decode_tok_s']:.0f} | {c['ttft_ms']['mean']:.1f} | {c['spread'].get('relative_range', 0):.1%} "
+            f"| {c['decode_tok_s']:.0f} | {c['ttft_ms']['mean']:.1f} | {c.get('ttft_first_request_ms', 0):.1f} "
+            f"| {c['spread'].get('relative_range', 0):.1%} "
             f"| {rf.get('floor_ms', 0):.3f} | {pct} |"
         )
     b = r.get("baseline") or {}
     for c in b.get("contexts", []):
         lines.append(
             f"| {c['context']} (transformers {b['dtype']}, {b['experts_implementation']}) | "
-            f"{c['token_ms'].get('p50', 0):.2f} | {1e3 / c['token_ms']['p50']:.1f} | {c['ttft_ms']['mean']:.1f} | "
+            f"{c['token_ms'].get('p50', 0):.2f} | {1e3 / c['token_ms']['p50']:.1f} | {c['ttft_ms']['mean']:.1f} | | "
             f"{c['spread'].get('relative_range', 0):.1%} | | |"
         )
     mem = r.get("memory") or {}
