@@ -7,8 +7,8 @@ from omniedge.errors import OmniedgeError
 
 # Prompt pieces on CUDA (runtime/thinker_ort.py says why): short prompts padded to 128 tokens (a 1..128-token
 # prefill costs about the same there), longer ones in 512-token pieces: GPU memory 13% over weights + KV at 4096
-# tokens of context where 1024-token pieces took 15% and whole prompts 44%, for 4096-token prompts that take
-# 1.4x as long as in 1024-token pieces (bench/results/2026-12-01-h200-prefill-shapes.md).
+# tokens of context where 1024-token pieces took 15% and whole prompts 44%; a 4096-token prompt takes 343-404 ms
+# to its first token where 1024-token pieces took 311-323 (bench/results/2026-12-01-h200-prefill-shapes.md).
 CUDA_PREFILL_BUCKETS = (128, 256, 512)
 
 

@@ -195,7 +195,7 @@ class OrtThinker:
         It costs load time, paid again whenever the thinker is reloaded: 5.4 s for the fixed lengths on the
         H200 (one whole-context prefill of 4,168 tokens took 18 s; bench/results/2026-12-01-h200-prefill-shapes.md).
         """
-        sizes = [b for b in self.prefill_buckets if b <= self.max_context] or [self.max_context]
+        sizes = list(self.prefill_buckets) or [self.max_context]  # buckets: those that fit the cache
         if self.shrink_at_warm_up:
             # the last bucket's run returns the free memory (the kernels' tactic profiling left gigabytes);
             # the largest bucket once more then takes back what a prompt needs, so the first request does
@@ -243,15 +243,14 @@ class OrtThinker:
             )
         if self.num_deepstack and deepstack is None:
             deepstack = np.zeros((self.num_deepstack, 1, seq, self.hidden), self.dtype)
+        pieces = self.pieces(seq)
         cos, sin = self.rope.rows(positions)
-        if self.prefill_buckets:  # rows for the pads too (zeros): a padded piece reads past the prompt
-            cos, sin = (
-                np.concatenate([t, np.zeros((self.max_context - seq, t.shape[1]), t.dtype)])
-                for t in (cos, sin)
-            )
+        pads = pieces[-1][0] + pieces[-1][2] - seq  # a padded last piece reads table rows past the prompt
+        if pads:
+            cos, sin = (np.pad(t, [(0, pads), (0, 0)]) for t in (cos, sin))
         out: StepOutput | None = None
-        for start, end, width in self.pieces(seq):
-            rows = start + width  # table rows up to the piece's end (pads' rows are zeros)
+        for start, end, width in pieces:
+            rows = start + width  # table rows up to the piece's end
             out = self._prefill_piece(
                 inputs_embeds[:, start:end],
                 None if deepstack is None else deepstack[:, :, start:end],
