@@ -77,3 +77,21 @@ def test_cpu_sessions_get_none_of_them(tmp_path: Any) -> None:
     b = OrtBackend("id", path)
     b.load()
     assert b.cuda_settings == {}
+
+
+def test_omniedge_cuda_options_reach_the_cuda_provider_over_ours(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omniedge.runtime.backends import OrtBackend
+
+    monkeypatch.setenv(ort_cuda.OPTIONS_ENV, "sdpa_kernel=1; arena_extend_strategy=kNextPowerOfTwo")
+    b = OrtBackend("id", tmp_path / "none.onnx", cuda_graph=True)
+    b.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as resolved on a GPU machine
+    b.cuda_graph = True
+    opts = b._provider_options("CUDAExecutionProvider")
+    assert opts == {"arena_extend_strategy": "kNextPowerOfTwo", "enable_cuda_graph": "1", "sdpa_kernel": "1"}
+    assert b._provider_options("CPUExecutionProvider") == {}
+    monkeypatch.setenv(ort_cuda.OPTIONS_ENV, "sdpa_kernel")
+    with pytest.raises(OmniedgeError, match="OMNIEDGE_CUDA_OPTIONS has 'sdpa_kernel', not key=value") as e:
+        b._provider_options("CUDAExecutionProvider")
+    assert 'OMNIEDGE_CUDA_OPTIONS="sdpa_kernel=1' in e.value.fix

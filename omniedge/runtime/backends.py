@@ -186,10 +186,12 @@ class OrtBackend:
             return {}
         # Grow the device arena by what is asked, not to the next power of two: memory stays near what the
         # graph needs, which a shared-memory Jetson cannot spare.
+        from omniedge.runtime import ort_cuda
+
         opts = {"arena_extend_strategy": "kSameAsRequested"}
         if self.cuda_graph:
             opts["enable_cuda_graph"] = "1"
-        return opts
+        return ort_cuda.provider_options(opts)
 
     def end_profiling(self) -> str | None:
         """Stop ONNX Runtime's profiler (if on) and return the JSON file it wrote."""

@@ -5,7 +5,9 @@ variables (read when a session builds its kernels). The runtime sets both here, 
 what the user set: an `ORT_*` variable already in the environment wins over our default, so a user can
 always A/B a kernel choice without editing code. Session config entries with no environment variable are
 set the same way through `OMNIEDGE_ORT_CONFIG="key=value;key=value"` (any ONNX Runtime session config key;
-it wins over ours for the same key). Evidence for each default: bench/h200/kernel_sweep.py and
+it wins over ours for the same key), and the CUDA provider's own options through
+`OMNIEDGE_CUDA_OPTIONS="key=value;..."` (e.g. `sdpa_kernel=1`: attention kernels by bitmask; it wins over the
+runtime's provider options). Evidence for each default: bench/h200/kernel_sweep.py and
 its result file under bench/results/ (named in each entry).
 """
 
@@ -49,21 +51,32 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 CONFIG_ENV = "OMNIEDGE_ORT_CONFIG"
+OPTIONS_ENV = "OMNIEDGE_CUDA_OPTIONS"
+_EXAMPLE = {CONFIG_ENV: "session.some_key=1;ep.cuda.other_key=0", OPTIONS_ENV: "sdpa_kernel=1;other_option=0"}
+
+
+def _entries(name: str, environ: Any = None) -> dict[str, str]:
+    """The `key=value;...` entries of environment variable `name`; a malformed one is an error that shows
+    the expected form."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in env.get(name, "").split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OmniedgeError(f"{name} has {item!r}, not key=value", f'set it as {name}="{_EXAMPLE[name]}"')
+        out[key.strip()] = value.strip()
+    return out
 
 
 def user_config(environ: Any = None) -> dict[str, str]:
-    """`OMNIEDGE_ORT_CONFIG`'s entries; a malformed one is an error that shows the expected form."""
-    env = os.environ if environ is None else environ
-    out: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in env.get(CONFIG_ENV, "").split(";"))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OmniedgeError(
-                f"{CONFIG_ENV} has {item!r}, not key=value",
-                f'set it as {CONFIG_ENV}="session.some_key=1;ep.cuda.other_key=0"',
-            )
-        out[key.strip()] = value.strip()
-    return out
+    """`OMNIEDGE_ORT_CONFIG`'s session config entries."""
+    return _entries(CONFIG_ENV, environ)
+
+
+def provider_options(ours: dict[str, str], environ: Any = None) -> dict[str, str]:
+    """The CUDA provider options a session is made with: the runtime's (`ours`), then
+    `OMNIEDGE_CUDA_OPTIONS`'s entries over them."""
+    return {**ours, **_entries(OPTIONS_ENV, environ)}
 
 
 def apply(opts: Any, environ: Any = None) -> dict[str, str]:
