@@ -41,10 +41,10 @@ def probe(
     prefill_chunk: int | None = None,
     prefill_buckets: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
-    import numpy as np
 
     from omniedge.bench.decode_depth import decode_at_depth
     from omniedge.runtime.backends import OrtBackend
+    from omniedge.runtime.bundle_files import load_embed
     from omniedge.runtime.manifest import load_manifest
     from omniedge.runtime.thinker_ort import make_thinker
 
@@ -61,7 +61,7 @@ def probe(
     )
     init_s = time.perf_counter() - t0
     used_loaded = gpu_used_bytes()
-    table = np.load(m.embed_file, mmap_mode="r")
+    table = load_embed(m)
     omni = SimpleNamespace(thinker=runner, embed_table=table, manifest=m)
     out: dict[str, Any] = {
         "bundle": str(bundle),

@@ -31,6 +31,7 @@ def _profile(
     import numpy as np
 
     from omniedge.runtime.backends import OrtBackend
+    from omniedge.runtime.bundle_files import load_embed
     from omniedge.runtime.manifest import load_manifest
     from omniedge.runtime.thinker_ort import make_thinker
 
@@ -42,7 +43,7 @@ def _profile(
         profile_prefix=str(out_dir / "ort_profile"),
     )
     runner = make_thinker(m, backend, max_context=context + steps + 8)
-    table = np.load(m.embed_file, mmap_mode="r")
+    table = load_embed(m)
     h = m.text.hidden_size
     prompt = np.asarray(table[np.arange(context) % table.shape[0]], np.float32)[None]
     positions = np.broadcast_to(np.arange(context), (3, context))

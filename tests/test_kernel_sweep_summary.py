@@ -21,7 +21,11 @@ def _sweep() -> Any:
 
 
 def _row(variant: str, rnd: int, p50: dict[int, float]) -> dict[str, Any]:
-    return {"variant": variant, "round": rnd, "contexts": [{"context": c, "token_ms": {"p50": v}} for c, v in p50.items()]}
+    return {
+        "variant": variant,
+        "round": rnd,
+        "contexts": [{"context": c, "token_ms": {"p50": v}} for c, v in p50.items()],
+    }
 
 
 def test_ratios_are_paired_within_a_round_and_missing_runs_are_skipped() -> None:
@@ -36,7 +40,9 @@ def test_ratios_are_paired_within_a_round_and_missing_runs_are_skipped() -> None
     out = {(s["variant"], s["context"]): s for s in ks.paired_summary(rows, ["base", "fast", "broken"])}
     fast = out[("fast", 512)]
     assert fast["p50_by_round"] == [2.7, 2.97] and fast["p50_median"] == pytest.approx(2.835)
-    assert fast["ratio_median"] == pytest.approx(0.9) and fast["ratio_min"] == fast["ratio_max"] == pytest.approx(0.9)
+    assert fast["ratio_median"] == pytest.approx(0.9) and fast["ratio_min"] == fast[
+        "ratio_max"
+    ] == pytest.approx(0.9)
     assert out[("fast", 4096)]["p50_by_round"] == [3.2] and out[("fast", 4096)]["ratio_median"] == 1.0
     assert out[("base", 512)]["ratio_median"] == 1.0
     assert not any(v == "broken" for v, _ in out)

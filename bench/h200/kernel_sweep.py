@@ -37,7 +37,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "cuDNN flash attention on": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "1"},
     "cuDNN flash attention off": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"},
     "QMoE GEMV off": {"ORT_DISABLE_MOE_GEMV": "1"},
-    "MoE GEMV fused finalize off": {"ORT_DISABLE_MOE_GEMV_FUSED_FINALIZE": "1"},
+    "MoE GEMV fused finalize on (onnxruntime's default)": {"ORT_DISABLE_MOE_GEMV_FUSED_FINALIZE": "0"},
+    "small-N GEMV (the router)": {"ORT_ENABLE_SMALL_N_GEMV": "1"},
+    "step inputs and token through onnxruntime's copies": {"OMNIEDGE_CUDA_MEMCPY": "0"},
     "cuBLAS GEMM auto-tune (timed in graph replay)": {
         "ORT_CUDA_GEMM_AUTO_TUNE": "1",
         "ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1",

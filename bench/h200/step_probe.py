@@ -4,8 +4,10 @@
 One process, the runtime's own settings (CUDA graph), a 512-token prompt prefilled, then the decode step timed
 four ways, each `--steps` times (medians and p90 in microseconds):
 - `step`: as `omniedge.bench.decode_depth` times it (embedding row, `OrtThinker.decode`, greedy token read);
-- `pieces`: the same work split at each host call: the embedding row, the three input copies to the device,
-  `run_with_iobinding` (a replayed graph returns once launched), `synchronize_outputs`, the token read;
+- `pieces`: the same work split at each host call: the embedding row, the inputs' one copy to the device
+  (omniedge/runtime/step_buffers.py), `run_with_iobinding`, `synchronize_outputs`, the token read
+  (`copies_via`: cudaMemcpy, or onnxruntime's calls); `before_step_buffers`: the way before, on scratch buffers: three
+  `update_inplace` copies and `OrtValue.numpy()` for the token;
 - `replay`: run + synchronize only, inputs unchanged (the host's fixed cost around a replay);
 - `queued`: `--steps` replays launched back to back, one synchronize at the end: the device's own time per
   step, the gaps between its kernels included, no host wait between steps.
@@ -31,6 +33,7 @@ def stats(us: list[float]) -> dict[str, float]:
 
 def main(bundle: Path, out: Path, providers: str = "cuda", steps: int = 300, context: int = 512) -> None:
     from omniedge.runtime.backends import OrtBackend
+    from omniedge.runtime.bundle_files import load_embed
     from omniedge.runtime.manifest import load_manifest
     from omniedge.runtime.thinker_ort import make_thinker
 
@@ -38,7 +41,7 @@ def main(bundle: Path, out: Path, providers: str = "cuda", steps: int = 300, con
     backend = OrtBackend("thinker", m.components["thinker"].onnx, providers=providers, cuda_graph=True)
     backend.load()
     th = make_thinker(m, backend, context + 3 * steps + 64)
-    table = np.load(m.embed_file, mmap_mode="r")
+    table = load_embed(m)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, table.shape[0], context)
     x = np.asarray(table[ids], np.float32)[None]
@@ -55,33 +58,51 @@ def main(bundle: Path, out: Path, providers: str = "cuda", steps: int = 300, con
         pos += 1
     res["step"] = stats(step)
 
-    parts: dict[str, list[float]] = {k: [] for k in ("row", "copies", "launch", "synchronize", "token")}
+    parts: dict[str, list[float]] = {k: [] for k in ("row", "write", "launch", "synchronize", "token")}
     io, opts, sess = th._decode, th._decode_opts, th.session
     for _ in range(steps):
         t0 = time.perf_counter()
-        row = np.asarray(table[tok], dtype=th.dtype).reshape(1, 1, th.hidden)
+        row = table[tok]
         t1 = time.perf_counter()
-        th.d_embeds.update_inplace(row)
-        th.d_position.update_inplace(np.array([[pos]], np.int64))
-        th.d_seqlens.update_inplace(np.array([th.cache_len], np.int32))
+        th.step_in.write(row, pos, th.cache_len)
         t2 = time.perf_counter()
         sess.run_with_iobinding(io, opts)
         t3 = time.perf_counter()
         io.synchronize_outputs()
         t4 = time.perf_counter()
-        tok = int(th.next_buf.numpy().reshape(-1)[0])
+        tok = th.tokens.read()
         t5 = time.perf_counter()
         th.cache_len += 1
         pos += 1
         for k, a, b in (
             ("row", t0, t1),
-            ("copies", t1, t2),
+            ("write", t1, t2),
             ("launch", t2, t3),
             ("synchronize", t3, t4),
             ("token", t4, t5),
         ):
             parts[k].append((b - a) * 1e6)
     res["pieces"] = {k: stats(v) for k, v in parts.items()}
+    res["copies_via"] = {"inputs": th.step_in.how, "token": th.tokens.how}
+
+    # the way before step_buffers.py, on scratch buffers of the same shapes (not bound to the graph)
+    ort = th._ort
+    scratch = [
+        ort.OrtValue.ortvalue_from_shape_and_type(shape, dt, th.device, 0)
+        for shape, dt in (([1, 1, th.hidden], th.dtype), ([1, 1], np.int64), ([1], np.int32))
+    ]
+    old: dict[str, list[float]] = {"three_copies": [], "token_numpy": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        scratch[0].update_inplace(np.asarray(table[tok], dtype=th.dtype).reshape(1, 1, th.hidden))
+        scratch[1].update_inplace(np.array([[pos]], np.int64))
+        scratch[2].update_inplace(np.array([th.cache_len], np.int32))
+        t1 = time.perf_counter()
+        tok = int(th.next_buf.numpy().reshape(-1)[0])
+        t2 = time.perf_counter()
+        old["three_copies"].append((t1 - t0) * 1e6)
+        old["token_numpy"].append((t2 - t1) * 1e6)
+    res["before_step_buffers"] = {k: stats(v) for k, v in old.items()}
 
     replay: list[float] = []
     for _ in range(steps):  # inputs unchanged: the same cache slot is written again

@@ -64,4 +64,6 @@ def load_embed(m: Manifest) -> np.ndarray:
             f"{m.embed_file.name} has shape {table.shape}, the manifest says {m.embed_shape}",
             "re-export the bundle",
         )
-    return table
+    # a plain array over the same mapped pages: a row of a np.memmap costs microseconds of subclass
+    # bookkeeping on every decode step
+    return table.view(np.ndarray)

@@ -22,6 +22,7 @@ the longest prompt.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.mrope import rope_rows
 from omniedge.runtime.prefill_pieces import CUDA_PREFILL_BUCKETS, check_buckets, plan_pieces
+from omniedge.runtime.step_buffers import CudaCopy, DecodeInputs, TokenReader
 
 _NP = {"float16": np.float16, "float32": np.float32}
 
@@ -47,11 +49,11 @@ class RopeSpec:
 class StepOutput:
     """What one graph run produced, left on the device until asked for."""
 
-    def __init__(self, logits: Any, next_token: Any) -> None:
-        self._logits, self._next = logits, next_token
+    def __init__(self, logits: Any, read_token: Callable[[], int]) -> None:
+        self._logits, self._read_token = logits, read_token
 
     def greedy(self) -> int:
-        return int(self._next.numpy().reshape(-1)[0])
+        return self._read_token()
 
     def logits(self) -> np.ndarray:
         # a copy: on the CPU the OrtValue's array is the bound buffer itself, which the next step overwrites
@@ -107,13 +109,14 @@ class OrtThinker:
         self.kv_bytes = 2 * num_layers * int(np.prod(kv_shape)) * np.dtype(self.dtype).itemsize
         self.logits_buf = self._alloc([1, vocab], np.float32)
         self.next_buf = self._alloc([1], np.int64)
-        # Decode-step inputs: fixed buffers (the CUDA graph replays on these addresses).
-        self.d_embeds = self._alloc([1, 1, hidden], self.dtype)
+        # Decode-step inputs: fixed buffers (the CUDA graph replays on these addresses); the embedding row,
+        # position and cache length share one, written by one copy per step (step_buffers.py)
+        copier = CudaCopy.loaded() if device == "cuda" else None
+        self.tokens = TokenReader(self.next_buf, device, copier)
+        self.step_in = DecodeInputs(ort, device, hidden, self.dtype, copier)
         self.d_deepstack = (
             self._value(np.zeros((num_deepstack, 1, 1, hidden), self.dtype)) if num_deepstack else None
         )
-        self.d_position = self._alloc([1, 1], np.int64)
-        self.d_seqlens = self._alloc([1], np.int32)
         self.d_total = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.max_context, np.int32)
         )  # read on the host by attention; see decode
@@ -154,13 +157,11 @@ class OrtThinker:
     def _bind_decode(self) -> Any:
         io = self.session.io_binding()
         self._bind_common(io)
-        io.bind_ortvalue_input("inputs_embeds", self.d_embeds)
+        self.step_in.bind(io)  # inputs_embeds, position_ids, seqlens_k
         if self.d_deepstack is not None:
             io.bind_ortvalue_input("deepstack_embeds", self.d_deepstack)
-        io.bind_ortvalue_input("position_ids", self.d_position)
         io.bind_ortvalue_input("cos_cache", self.d_cos)
         io.bind_ortvalue_input("sin_cache", self.d_sin)
-        io.bind_ortvalue_input("seqlens_k", self.d_seqlens)
         io.bind_ortvalue_input("total_sequence_length", self.d_total)
         if self.has_logits_index:
             io.bind_ortvalue_input("logits_index", self.d_logits_index)
@@ -176,7 +177,7 @@ class OrtThinker:
                 f"the thinker graph failed: {str(e).splitlines()[0]}",
                 "check that the bundle matches this onnxruntime (re-export it) and its execution provider",
             ) from e
-        return StepOutput(self.logits_buf, self.next_buf)
+        return StepOutput(self.logits_buf, self.tokens.read)
 
     # ------------------------------------------------------------ steps
 
@@ -309,9 +310,7 @@ class OrtThinker:
             raise OmniedgeError(f"the context of {self.max_context} tokens is full", "start a new request")
         if not 0 <= position < self.max_context:
             raise OmniedgeError(f"rotary position {position} is outside the table", "report this as a bug")
-        self.d_embeds.update_inplace(np.asarray(embed_row, dtype=self.dtype).reshape(1, 1, self.hidden))
-        self.d_position.update_inplace(np.array([[position]], np.int64))
-        self.d_seqlens.update_inplace(np.array([self.cache_len], np.int32))  # total length - 1
+        self.step_in.write(embed_row, position, self.cache_len)  # seqlens_k: total length - 1
         # d_total holds the buffer length, not the tokens so far: host-side attention parameters derived from
         # it are then the same at every step, as a captured CUDA graph needs (seqlens_k carries the real length)
         out = self._run(self._decode, self._decode_opts)
