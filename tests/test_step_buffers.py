@@ -124,31 +124,35 @@ def test_cuda_runtime_is_found_only_when_exactly_one_is_mapped(
     assert CudaCopy.loaded(maps) is None  # cannot be opened
     assert CudaCopy.loaded(tmp_path / "missing") is None
 
-    class Memcpy:  # records what cudaMemcpy would be asked
-        def __init__(self) -> None:
+    class Recorder:  # records what the CUDA runtime would be asked
+        def __init__(self, fail_empty: bool) -> None:
             self.argtypes: Any = None
             self.restype: Any = None
-            self.calls: list[tuple[int, int, int, int]] = []
+            self.fail_empty = fail_empty
 
-        def __call__(self, dst: int, src: int, n: int, kind: int) -> int:
-            self.calls.append((dst, src, n, kind))
-            return 0 if n else 1  # an error for the empty copy below
+        def __call__(self, *args: Any) -> int:
+            calls.append(args)
+            return 1 if self.fail_empty and args[2] == 0 else 0  # an error for the empty copy below
+
+    calls: list[tuple[Any, ...]] = []
 
     class Lib:
-        cudaMemcpy = Memcpy()
+        cudaMemcpy = Recorder(fail_empty=True)
+        cudaStreamSynchronize = Recorder(fail_empty=False)
 
     opened: list[str] = []
     monkeypatch.setattr("ctypes.CDLL", lambda path: opened.append(path) or Lib())
     maps.write_text(
         "7f00-7f01 r-xp 0 08:01 1 /a/libcudart.so.12\n7f01-7f02 r--p 0 08:01 1 /a/libcudart.so.12\n"
     )
+    assert CudaCopy.loaded(maps) is None  # opt-in only
+    monkeypatch.setenv("OMNIEDGE_CUDA_MEMCPY", "1")
     cc = CudaCopy.loaded(maps)
     assert cc is not None and opened == ["/a/libcudart.so.12"]
     host = np.zeros(3, np.int64)
     cc.to_device(1000, host)
     cc.to_host(host, 2000)
-    assert Lib.cudaMemcpy.calls == [(1000, host.ctypes.data, 24, 1), (host.ctypes.data, 2000, 24, 2)]
+    # to the device: the copy, then the legacy stream synchronized; to the host: the copy alone
+    assert calls == [(1000, host.ctypes.data, 24, 1), (None,), (host.ctypes.data, 2000, 24, 2)]
     with pytest.raises(OmniedgeError, match="cudaMemcpy failed with CUDA error 1"):
         cc.to_host(np.zeros(0, np.int64), 2000)
-    monkeypatch.setenv("OMNIEDGE_CUDA_MEMCPY", "0")
-    assert CudaCopy.loaded(maps) is None  # the user's switch: onnxruntime's own copies

@@ -1,4 +1,4 @@
-"""A decode step's inputs and its token: one copy to the device, one read back, each one plain memcpy.
+"""A decode step's inputs and its token: one copy to the device, one read back.
 
 A decode step needs three small inputs (the new token's embedding row, its rotary position, the cache length)
 and gives back one token id. On CUDA every copy between host and device is a synchronous call that costs far
@@ -6,11 +6,13 @@ more than its bytes, and the GPU waits through each: on the H200 (30B thinker, 3
 `OrtValue.update_inplace` calls took 49 us and reading the token with `OrtValue.numpy()` 35 us per step
 (bench/h200/step_probe.py; bench/results/2026-12-01-h200-decode-rounds.md). So the three inputs live in
 one device buffer at fixed offsets, bound to the graph by address (the captured CUDA graph replays on those
-addresses) and written from one host staging buffer by one copy; the token comes back into a fixed host
-array. Both copies are `cudaMemcpy` calls into the CUDA runtime library onnxruntime has loaded (found in the
-process's own mappings, never a second copy of the library); where there is none, onnxruntime's own
-`update_inplace` and `numpy()` do them (also with `OMNIEDGE_CUDA_MEMCPY=0`). On the CPU the staging buffer is the bound buffer itself: nothing
-is copied.
+addresses) and written from one host staging buffer by one `update_inplace`; the token comes back into a
+fixed host array. On the CPU the staging buffer is the bound buffer itself: nothing is copied.
+
+`OMNIEDGE_CUDA_MEMCPY=1` (opt-in: not yet measured on a GPU) makes both copies plain `cudaMemcpy` calls
+into the CUDA runtime library onnxruntime has loaded (found in the process's own mappings, never a second
+copy of the library), the copy to the device followed by a synchronize of the stream it ran on, so its DMA
+has landed before onnxruntime's own stream reads the buffer.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from omniedge.errors import OmniedgeError
 
 _ALIGN = 256  # each input starts on its own 256-byte boundary, as device allocations do
 _TO_DEVICE, _TO_HOST = 1, 2  # cudaMemcpyKind
-DISABLE_ENV = "OMNIEDGE_CUDA_MEMCPY"
+ENABLE_ENV = "OMNIEDGE_CUDA_MEMCPY"
 
 
 def _aligned(n: int) -> int:
@@ -40,12 +42,15 @@ class CudaCopy:
         self._memcpy = lib.cudaMemcpy
         self._memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self._memcpy.restype = ctypes.c_int
+        self._sync = lib.cudaStreamSynchronize  # on the legacy stream (0), where cudaMemcpy runs
+        self._sync.argtypes = [ctypes.c_void_p]
+        self._sync.restype = ctypes.c_int
 
     @classmethod
     def loaded(cls, maps: Path = Path("/proc/self/maps")) -> CudaCopy | None:
-        """The CUDA runtime onnxruntime loaded, or None (no CUDA runtime in the process, not Linux, or
-        `OMNIEDGE_CUDA_MEMCPY=0` in the environment: onnxruntime's own calls then do the copies)."""
-        if os.environ.get(DISABLE_ENV, "1").strip() == "0":
+        """The CUDA runtime onnxruntime loaded when `OMNIEDGE_CUDA_MEMCPY=1`; else None (also with no CUDA
+        runtime in the process, or two, or not on Linux): onnxruntime's own calls then do the copies."""
+        if os.environ.get(ENABLE_ENV, "0").strip() != "1":
             return None
         try:
             lines = maps.read_text().splitlines()
@@ -61,6 +66,10 @@ class CudaCopy:
 
     def _run(self, dst: int, src: int, n: int, kind: int) -> None:
         err = self._memcpy(dst, src, n, kind)
+        if err == 0 and kind == _TO_DEVICE:
+            # from pageable memory cudaMemcpy may return before its DMA lands; onnxruntime reads on a stream
+            # of its own that does not wait for the legacy one
+            err = self._sync(None)
         if err != 0:
             raise OmniedgeError(
                 f"cudaMemcpy failed with CUDA error {err}", "check the GPU (nvidia-smi) and restart"
