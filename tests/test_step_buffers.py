@@ -55,6 +55,8 @@ def test_cpu_inputs_are_the_bound_memory_at_aligned_offsets() -> None:
     assert mem[d.pos_at : d.pos_at + 8].view(np.int64)[0] == 1234
     assert mem[d.seq_at : d.seq_at + 4].view(np.int32)[0] == 77
     assert d.how == "shared memory"
+    d.write(np.full((1, 1, 6), 2.0, np.float32), 1, 0)  # a row in the graph's own shape is taken too
+    assert np.array_equal(d.bound.numpy()[:12].view(np.float16), np.full(6, 2.0, np.float16))
 
 
 def test_a_graph_reads_the_inputs_written_between_runs() -> None:

@@ -113,7 +113,7 @@ class DecodeInputs:
 
     def write(self, embed_row: np.ndarray, position: int, seqlens: int) -> None:
         """Stage the step's inputs and copy them to the device in one call."""
-        self.embeds[0, 0] = embed_row  # converted to the graph's float type here
+        self.embeds[0, 0] = np.reshape(embed_row, -1)  # any [hidden]-sized row; cast to the graph's type here
         self.position[0, 0] = position
         self.seqlens[0] = seqlens
         if self.device == "cpu":
