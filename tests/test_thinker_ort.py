@@ -380,3 +380,23 @@ def test_runners_on_one_session_get_their_own_decode_graph(odd: dict[str, Any]) 
     backend.unload()
     backend.load()
     assert make_thinker(m, backend, 64).graph_id == 1
+
+
+def test_a_prompt_without_images_binds_resident_zero_deepstack(odd: dict[str, Any]) -> None:
+    """All-zero deepstack features (no image) give the same logits as passing none, through one resident zero
+    buffer bound at each piece's width; any nonzero feature still reaches the graph."""
+    from omniedge.runtime.app import Omni
+
+    with Omni.load(odd["fp32"], prefill_buckets=(4, 8)) as omni:
+        th = omni.thinker
+        inputs = omni.thinker_inputs(omni.preprocess(PROMPT))
+        emb, pos, deep = inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
+        assert th.num_deepstack > 0 and deep.shape[0] == th.num_deepstack and not deep.any()
+        a = th.prefill(emb, pos, deep).logits()
+        assert th._zero_deep_width == 8  # grown to the widest piece, bound narrower for the last
+        b = th.prefill(emb, pos, None).logits()
+        assert np.array_equal(a, b)
+        bumped = deep.copy()
+        bumped[:, :, 2] = 0.5
+        c = th.prefill(emb, pos, bumped).logits()
+        assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()
