@@ -98,6 +98,19 @@ def test_a_graph_reads_the_inputs_written_between_runs() -> None:
         assert float(s) == 4 * (step + 0.5) and int(p.reshape(-1)[0]) == 100 + step and int(k[0]) == step
 
 
+def test_without_a_copier_one_update_inplace_moves_the_staged_bytes() -> None:
+    d = DecodeInputs(ort, "cpu", 8, np.float16)
+    d.bound = ort.OrtValue.ortvalue_from_shape_and_type([d.host.size], np.uint8, "cpu", 0)  # apart from host
+    d.device = "cuda"  # as on a GPU: the bound buffer is not the staging memory
+    d.write(np.full(8, 1.5, np.float32), 9, 3)
+    got = d.bound.numpy()
+    assert np.array_equal(got, d.host) and got[d.pos_at : d.pos_at + 8].view(np.int64)[0] == 9
+    assert (
+        d.how == "shared memory"
+    )  # set at construction: what a real CUDA buffer reports is "update_inplace"
+    assert DecodeInputs(ort, "cpu", 8, np.float16, None).how == "shared memory"
+
+
 def test_device_inputs_go_in_one_copy_and_the_token_through_the_copier() -> None:
     log = MemcpyLog()
     d = DecodeInputs(ort, "cpu", 8, np.float16, log)  # a CPU buffer stands in for device memory
