@@ -47,9 +47,10 @@ def decode_at_depth(
     first_ttft = 0.0
     for _r in range(runs + 1):  # the first run warms up (allocations, kernel selection, graph capture)
         ids = rng.integers(0, vocab, size=context)
-        embeds = np.asarray(table[ids], dtype=np.float32)[None]
+        dtype = omni.manifest.thinker.input_dtype  # as the runtime's own prompts (runtime/app.py)
+        embeds = np.asarray(table[ids], dtype=dtype)[None]
         pos = np.broadcast_to(np.arange(context), (3, context))
-        deep = np.zeros((omni.manifest.text.num_deepstack, 1, context, embeds.shape[-1]), np.float32)
+        deep = np.zeros((omni.manifest.text.num_deepstack, 1, context, embeds.shape[-1]), dtype)
         t0 = time.perf_counter()
         tok = next_token(thinker.prefill(embeds, pos, deep), params, rng)
         t_first = time.perf_counter() - t0

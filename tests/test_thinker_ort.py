@@ -400,3 +400,11 @@ def test_a_prompt_without_images_binds_resident_zero_deepstack(odd: dict[str, An
         bumped[:, :, 2] = 0.5
         c = th.prefill(emb, pos, bumped).logits()
         assert np.abs(c - a).max() > 1e-3 * np.abs(a).max()
+
+
+def test_prompts_are_embedded_in_the_graphs_input_type(odd: dict[str, Any]) -> None:
+    from omniedge.runtime.manifest import load_manifest
+
+    for bundle, want in ((odd["fp32"], np.float32), (odd["fp16"], np.float16)):
+        m = load_manifest(bundle)
+        assert np.dtype(m.thinker.input_dtype) == want

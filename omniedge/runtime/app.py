@@ -253,6 +253,7 @@ class Omni:
             audio_pad=m.special_tokens.get("audio_pad"),
             audio_embeds=aud,
             num_deepstack=m.text.num_deepstack,
+            dtype=m.thinker.input_dtype,
         )
         grids = [req.image_grid_thw] if req.image_grid_thw is not None else []
         merge = m.image.merge_size if m.image else 2

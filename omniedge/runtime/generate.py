@@ -66,9 +66,9 @@ class ThinkerInputs:
     """Everything the prefill needs, built from the prompt ids and the encoders' outputs."""
 
     ids: np.ndarray  # int64 [seq]
-    inputs_embeds: np.ndarray  # float32 [1, seq, hidden]
+    inputs_embeds: np.ndarray  # [1, seq, hidden], the thinker's input type (float16 or float32)
     position_ids: np.ndarray  # int64 [3, 1, seq]
-    deepstack_embeds: np.ndarray  # float32 [num_deepstack, 1, seq, hidden]
+    deepstack_embeds: np.ndarray  # [num_deepstack, 1, seq, hidden], the same type
     rope_delta: int
 
 
@@ -90,17 +90,19 @@ def embed_prompt(
     audio_pad: int | None = None,
     audio_embeds: np.ndarray | None = None,
     num_deepstack: int = 0,
+    dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs_embeds [1, seq, H], deepstack_embeds [D, 1, seq, H]): token rows, media rows written over
-    their pads in order (masked_scatter), deepstack features at image positions and zero elsewhere."""
+    their pads in order (masked_scatter), deepstack features at image positions and zero elsewhere; in `dtype`,
+    the thinker graph's input type (a float16 graph's rows are then gathered without a float32 round trip)."""
     ids = np.asarray(ids, dtype=np.int64)
     vocab, hidden = embed_table.shape
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise OmniedgeError(
             f"token id {int(ids.max())} is outside the vocabulary ({vocab})", "re-export the bundle"
         )
-    x = np.asarray(embed_table[ids], dtype=np.float32).copy()
-    ds = np.zeros((num_deepstack, ids.size, hidden), dtype=np.float32)
+    x = np.array(embed_table[ids], dtype=dtype)  # a copy: media rows are written into it
+    ds = np.zeros((num_deepstack, ids.size, hidden), dtype=dtype)
     for pad, emb, name in ((image_pad, image_embeds, "image"), (audio_pad, audio_embeds, "audio")):
         if emb is None:
             continue

@@ -64,6 +64,11 @@ class ThinkerGraphSpec:
     rope_scaling: float
     providers: tuple[str, ...]  # execution providers the graph needs (empty: any)
 
+    @property
+    def input_dtype(self) -> str:
+        """The type of the embeddings the graph takes: its own for the ort flavour, float32 for portable."""
+        return self.dtype if self.flavour == "ort" else "float32"
+
 
 FLAVOURS = ("ort", "portable")
 
