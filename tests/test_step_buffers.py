@@ -125,19 +125,23 @@ def test_device_inputs_go_in_one_copy_and_the_token_through_the_copier() -> None
     assert TokenReader(nxt, "cpu", log).how == "numpy"  # type: ignore[arg-type]
 
 
-def test_cuda_runtime_is_found_only_when_exactly_one_is_mapped(
+def test_cuda_runtime_is_used_only_when_asked_and_exactly_one_is_mapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     maps = tmp_path / "maps"
-    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libc.so.6\n")
-    assert CudaCopy.loaded(maps) is None
-    maps.write_text(
-        "7f00-7f01 r-xp 0 08:01 1 /a/libcudart.so.12\n7f02-7f03 r-xp 0 08:01 2 /b/libcudart.so.13\n"
-    )
-    assert CudaCopy.loaded(maps) is None  # two runtimes: leave the copies to onnxruntime
-    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /nonexistent/libcudart.so.13\n")
-    assert CudaCopy.loaded(maps) is None  # cannot be opened
-    assert CudaCopy.loaded(tmp_path / "missing") is None
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /a/libcudart.so.12\n")
+    assert CudaCopy.loaded(maps) is None  # opt-in only: nothing is looked at without OMNIEDGE_CUDA_MEMCPY=1
+    monkeypatch.setenv("OMNIEDGE_CUDA_MEMCPY", "1")
+    for text, found in (
+        ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libc.so.6\n", 0),
+        ("7f00-7f01 r-xp 0 08:01 1 /a/libcudart.so.12\n7f02-7f03 r-xp 0 08:01 2 /b/libcudart.so.13\n", 2),
+        ("7f00-7f01 r-xp 0 08:01 1 /nonexistent/libcudart.so.13\n", 1),  # cannot be opened
+    ):
+        maps.write_text(text)
+        with pytest.warns(UserWarning, match=f"no single CUDA runtime library to call [(]{found} mapped"):
+            assert CudaCopy.loaded(maps) is None
+    with pytest.warns(UserWarning, match="onnxruntime's own calls do the copies"):
+        assert CudaCopy.loaded(tmp_path / "missing") is None
 
     class Recorder:  # records what the CUDA runtime would be asked
         def __init__(self, fail_empty: bool) -> None:
@@ -160,8 +164,6 @@ def test_cuda_runtime_is_found_only_when_exactly_one_is_mapped(
     maps.write_text(
         "7f00-7f01 r-xp 0 08:01 1 /a/libcudart.so.12\n7f01-7f02 r--p 0 08:01 1 /a/libcudart.so.12\n"
     )
-    assert CudaCopy.loaded(maps) is None  # opt-in only
-    monkeypatch.setenv("OMNIEDGE_CUDA_MEMCPY", "1")
     cc = CudaCopy.loaded(maps)
     assert cc is not None and opened == ["/a/libcudart.so.12"]
     host = np.zeros(3, np.int64)

@@ -6,11 +6,11 @@ more than its bytes, and the GPU waits through each: on the H200 (30B thinker, 3
 `OrtValue.update_inplace` calls took 49 us and reading the token with `OrtValue.numpy()` 35 us per step
 (bench/h200/step_probe.py; bench/results/2026-12-01-h200-decode-rounds.md). So the three inputs live in
 one device buffer at fixed offsets, bound to the graph by address (the captured CUDA graph replays on those
-addresses) and written from one host staging buffer by one `update_inplace`; the token comes back into a
-fixed host array. On the CPU the staging buffer is the bound buffer itself: nothing is copied.
+addresses) and written from one host staging buffer by one `update_inplace`; the token is read with
+`numpy()`. On the CPU the staging buffer is the bound buffer itself: nothing is copied.
 
-`OMNIEDGE_CUDA_MEMCPY=1` (opt-in: not yet measured on a GPU) makes both copies plain `cudaMemcpy` calls
-into the CUDA runtime library onnxruntime has loaded (found in the process's own mappings, never a second
+`OMNIEDGE_CUDA_MEMCPY=1` (opt-in: not yet measured on a GPU) makes both copies plain `cudaMemcpy` calls (the token
+into a fixed host array) through the CUDA runtime library onnxruntime has loaded (found in the process's own mappings, never a second
 copy of the library), the copy to the device followed by a synchronize of the stream it ran on, so its DMA
 has landed before onnxruntime's own stream reads the buffer.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,19 @@ class CudaCopy:
         try:
             lines = maps.read_text().splitlines()
         except OSError:
-            return None
+            lines = []
         paths = sorted({ln.split()[-1] for ln in lines if "/libcudart.so" in ln})
-        if len(paths) != 1:  # none, or two CUDA runtimes: leave the copies to onnxruntime
-            return None
         try:
-            return cls(ctypes.CDLL(paths[0]))
+            if len(paths) == 1:  # not none, nor two CUDA runtimes
+                return cls(ctypes.CDLL(paths[0]))
         except (OSError, AttributeError):
-            return None
+            pass
+        warnings.warn(
+            f"{ENABLE_ENV}=1 but this process has no single CUDA runtime library to call ({len(paths)} "
+            "mapped, one that opens is needed): onnxruntime's own calls do the copies",
+            stacklevel=2,
+        )
+        return None
 
     def _run(self, dst: int, src: int, n: int, kind: int) -> None:
         err = self._memcpy(dst, src, n, kind)
