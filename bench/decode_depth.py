@@ -45,9 +45,9 @@ def decode_at_depth(
     tokens: list[float] = []
     medians: list[float] = []
     first_ttft = 0.0
+    dtype = omni.manifest.thinker.input_dtype  # prompts embedded as the runtime's own are (runtime/app.py)
     for _r in range(runs + 1):  # the first run warms up (allocations, kernel selection, graph capture)
         ids = rng.integers(0, vocab, size=context)
-        dtype = omni.manifest.thinker.input_dtype  # as the runtime's own prompts (runtime/app.py)
         embeds = np.asarray(table[ids], dtype=dtype)[None]
         pos = np.broadcast_to(np.arange(context), (3, context))
         deep = np.zeros((omni.manifest.text.num_deepstack, 1, context, embeds.shape[-1]), dtype)

@@ -41,7 +41,6 @@ def probe(
     prefill_chunk: int | None = None,
     prefill_buckets: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
-
     from omniedge.bench.decode_depth import decode_at_depth
     from omniedge.runtime.backends import OrtBackend
     from omniedge.runtime.bundle_files import load_embed
