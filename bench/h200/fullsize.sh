@@ -69,8 +69,8 @@ EOF
     steps)  # a decode step's host share: step vs replay vs queued replays (bench/h200/step_probe.py)
       timeout 200 python3 bench/h200/step_probe.py $BUNDLE $OUT/step-probe$SFX.json 2>&1 | grep -v Warn | tail -3 ;;
     final)  # the report with the runtime's own settings (omniedge/runtime/ort_cuda.py), then omni-mini parity
-      timeout 300 python3 -m omniedge.bench.thinker_report $W/full-bundle --providers cuda --contexts 512 4096 \
-        --new-tokens 128 --runs 3 --profile --json $OUT/full-report.json 2>&1 | grep -v Warn | tail -14
+      timeout 300 python3 -m omniedge.bench.thinker_report $BUNDLE --providers cuda --contexts 512 4096 \
+        --new-tokens 128 --runs 3 --profile --json $OUT/full-report$SFX.json 2>&1 | grep -v Warn | tail -14
       timeout 100 python3 -m omniedge.bench.parity check $W/mini/mini-gpu $W/mini/ref.npz --providers cuda \
         --json $OUT/parity.json 2>&1 | tail -3 ;;
     status)
