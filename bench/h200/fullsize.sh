@@ -63,8 +63,8 @@ EOF
         --json $OUT/sweep-chunked$SFX.json 2>&1 | grep -v Warn ;;
     rounds)  # kernel choices A/B in interleaved rounds, each variant its own process (kernel_sweep.py --rounds)
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 --new-tokens 64 --runs 2 \
-        --rounds ${ROUNDS:-3} --only "runtime defaults" "MoE GEMV fused finalize on (onnxruntime's default)" \
-        "step inputs and token by cudaMemcpy (OMNIEDGE_CUDA_MEMCPY=1)" "small-N GEMV (the router)" \
+        --rounds ${ROUNDS:-3} --only "runtime defaults" "small-N GEMV (the router)" \
+        "cuBLAS GEMM auto-tune (timed in graph replay)" \
         --json $OUT/sweep-rounds$SFX.json 2>&1 | grep -v Warn ;;
     steps)  # a decode step's host share: step vs replay vs queued replays (bench/h200/step_probe.py)
       timeout 200 python3 bench/h200/step_probe.py $BUNDLE $OUT/step-probe$SFX.json 2>&1 | grep -v Warn | tail -3 ;;

@@ -39,7 +39,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "QMoE GEMV off": {"ORT_DISABLE_MOE_GEMV": "1"},
     "MoE GEMV fused finalize on (onnxruntime's default)": {"ORT_DISABLE_MOE_GEMV_FUSED_FINALIZE": "0"},
     "small-N GEMV (the router)": {"ORT_ENABLE_SMALL_N_GEMV": "1"},
-    "step inputs and token by cudaMemcpy (OMNIEDGE_CUDA_MEMCPY=1)": {"OMNIEDGE_CUDA_MEMCPY": "1"},
     "cuBLAS GEMM auto-tune (timed in graph replay)": {
         "ORT_CUDA_GEMM_AUTO_TUNE": "1",
         "ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1",

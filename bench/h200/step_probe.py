@@ -6,7 +6,7 @@ four ways, each `--steps` times (medians and p90 in microseconds):
 - `step`: as `omniedge.bench.decode_depth` times it (embedding row, `OrtThinker.decode`, greedy token read);
 - `pieces`: the same work split at each host call: the embedding row, the inputs' one copy to the device
   (omniedge/runtime/step_buffers.py), `run_with_iobinding`, `synchronize_outputs`, the token read
-  (`copies_via`: cudaMemcpy, or onnxruntime's calls); `before_step_buffers`: the way before, on scratch buffers: three
+  (`copies_via`: how the inputs reach the graph); `before_step_buffers`: the way before, on scratch buffers: three
   `update_inplace` copies and `OrtValue.numpy()` for the token;
 - `replay`: run + synchronize only, inputs unchanged (the host's fixed cost around a replay);
 - `queued`: `--steps` replays launched back to back, one synchronize at the end: the device's own time per
@@ -108,7 +108,7 @@ def main(bundle: Path, out: Path, providers: str = "cuda", steps: int = 300, con
         ):
             parts[k].append((b - a) * 1e6)
     res["pieces"] = {k: stats(v) for k, v in parts.items()}
-    res["copies_via"] = {"inputs": th.step_in.how, "token": th.tokens.how}
+    res["copies_via"] = {"inputs": th.step_in.how, "token": "numpy"}
 
     # the way before step_buffers.py, on scratch buffers of the same shapes (not bound to the graph)
     ort = th._ort

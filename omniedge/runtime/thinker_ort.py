@@ -31,7 +31,7 @@ import numpy as np
 from omniedge.errors import OmniedgeError
 from omniedge.runtime.mrope import rope_rows
 from omniedge.runtime.prefill_pieces import CUDA_PREFILL_BUCKETS, check_buckets, plan_pieces
-from omniedge.runtime.step_buffers import CudaCopy, DecodeInputs, TokenReader
+from omniedge.runtime.step_buffers import DecodeInputs, TokenReader
 
 _NP = {"float16": np.float16, "float32": np.float32}
 
@@ -111,9 +111,8 @@ class OrtThinker:
         self.next_buf = self._alloc([1], np.int64)
         # Decode-step inputs: fixed buffers (the CUDA graph replays on these addresses); the embedding row,
         # position and cache length share one, written by one copy per step (step_buffers.py)
-        copier = CudaCopy.loaded() if device == "cuda" else None
-        self.tokens = TokenReader(self.next_buf, device, copier)
-        self.step_in = DecodeInputs(ort, device, hidden, self.dtype, copier)
+        self.tokens = TokenReader(self.next_buf)
+        self.step_in = DecodeInputs(ort, device, hidden, self.dtype)
         self.d_deepstack = (
             self._value(np.zeros((num_deepstack, 1, 1, hidden), self.dtype)) if num_deepstack else None
         )
