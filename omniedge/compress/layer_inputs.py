@@ -7,8 +7,10 @@ Hessian sum x^T x, a seeded sample of rows): a Linear sees every calibration tok
 experts sees only the tokens the (pruned) router sends to it: gate_up_proj their MoE input rows,
 down_proj act(gate) * up of those rows, computed with the layer's float weights of that moment.
 
-Memory: the kept rows are tokens x (2 hidden + heads x head_dim) values in the compute dtype (for the
-30B recipe: 0.37 M tokens x 8,192 x 2 bytes = 6 GB at most, freed with the layer).
+The teacher's MoE output of those rows is kept too (the `reconstruct` stage fits to it).
+
+Memory: the kept rows are tokens x (3 hidden + heads x head_dim) values in the compute dtype (for the
+30B recipe: 0.37 M tokens x 10,240 x 2 bytes = 7.6 GB at most, freed with the layer).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LayerInputs:
     """Rows that reached one layer's weights during the calibration pass (attach with `recording`)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[torch.Tensor]] = {"qkv": [], "o_proj": [], "moe": []}
+        self.rows: dict[str, list[torch.Tensor]] = {"qkv": [], "o_proj": [], "moe": [], "moe_out": []}
 
     @contextlib.contextmanager
     def recording(self, layer: nn.Module) -> Iterator[None]:
@@ -64,8 +66,14 @@ class LayerInputs:
             for h in hooks:
                 h.remove()
 
-    def add_moe(self, x: torch.Tensor) -> None:
+    def add_moe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The MoE block's input rows and the teacher's output for them (before any stage changed it)."""
         self.rows["moe"].append(x)
+        self.rows["moe_out"].append(y)
+
+    def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [T, H], the teacher's MoE outputs [T, H]) of every calibration token."""
+        return self._all("moe"), self._all("moe_out")
 
     def tokens(self) -> int:
         return sum(int(r.shape[0]) for r in self.rows["qkv"])

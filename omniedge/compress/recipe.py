@@ -98,8 +98,9 @@ def stage_types() -> dict[str, Any]:
     """{recipe stage name: Stage class}; each class's `settings_type.parse` validates its settings."""
     from omniedge.compress.prune import PruneStage
     from omniedge.compress.quantize import QuantizeStage
+    from omniedge.compress.reconstruct import ReconstructStage
 
-    return {"prune": PruneStage, "quantize": QuantizeStage}
+    return {"prune": PruneStage, "reconstruct": ReconstructStage, "quantize": QuantizeStage}
 
 
 def _calibration(c: Any) -> dict[str, Any]:
@@ -186,6 +187,12 @@ def validate_recipe(raw: Any) -> dict[str, Any]:
             "stages",
             f"quantize must be the last stage (got order {names})",
             "prune before quantizing: int4.safetensors must describe the final weights",
+        )
+    if "reconstruct" in names and "prune" in names and names.index("reconstruct") < names.index("prune"):
+        raise recipe_error(
+            "stages",
+            f"reconstruct must come after prune (got order {names})",
+            "put reconstruct after prune: it re-fits the experts that pruning kept",
         )
     if "distill" in names:
         from omniedge.distill.recipe_stage import check_order

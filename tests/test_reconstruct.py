@@ -1,0 +1,114 @@
+"""The `reconstruct` stage (omniedge/compress/reconstruct.py): the kept experts' down projections re-fitted to
+the unpruned block's output, on transformers' real MoE block of the tiny model, and through the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniedge.compress.moe import moe_forward, route
+from omniedge.compress.prune import prune_block
+from omniedge.compress.reconstruct import refit_down
+
+
+@pytest.fixture(scope="module")
+def block() -> Any:
+    from omniedge.models.family import moe_blocks
+    from omniedge.models.tiny import build_tiny
+
+    return moe_blocks(build_tiny(0)[0])[0][1]
+
+
+def _moe(b: Any, x: torch.Tensor) -> torch.Tensor:
+    e = b.experts
+    return moe_forward(x, b.gate.weight, e.gate_up_proj, e.down_proj, b.gate.top_k, True, e.act_fn)
+
+
+def _tokens(b: Any, n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, b.gate.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+
+
+def test_with_every_expert_kept_the_trained_weights_come_back(block: Any) -> None:
+    b = copy.deepcopy(block)
+    x = _tokens(b, 300, 0)
+    with torch.no_grad():
+        y = _moe(b, x)
+    before = b.experts.down_proj.detach().clone()
+    out = refit_down(b, x, y, b.gate.top_k, True, damp=0.01, sweeps=3)
+    assert out["error_before"] < 1e-10 and out["error_after"] < 1e-10
+    torch.testing.assert_close(b.experts.down_proj, before, rtol=1e-4, atol=1e-6)
+
+
+def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any) -> None:
+    """Block coordinate descent over experts ends at the closed-form ridge solution over all kept experts'
+    down projections at once, and the block's own forward then gives that fit's output."""
+    b = copy.deepcopy(block)
+    top_k = b.gate.top_k
+    x = _tokens(b, 600, 1)
+    with torch.no_grad():
+        y = _moe(b, x)
+    e = int(b.gate.weight.shape[0])
+    prune_block(b, list(range(0, e, 2)))
+    b.gate.num_experts = e // 2
+    trained = b.experts.down_proj.detach().clone()  # [E', H, I]
+    damp = 0.05
+    out = refit_down(b, x, y, top_k, True, damp=damp, sweeps=60)
+    assert out["error_after"] < out["error_before"]
+
+    # the same objective solved directly: features [T, E' * I], one ridge weight per expert block
+    ex = b.experts
+    kept, hidden, inter = trained.shape
+    r = route(x, b.gate.weight, top_k, True)
+    phi = torch.zeros(x.shape[0], kept, inter, dtype=torch.float64)
+    for j, a, c in r.spans():
+        tok, slot = r.token[a:c], r.slot[a:c]
+        g, u = F.linear(x[tok], ex.gate_up_proj[j]).chunk(2, dim=-1)
+        phi[tok, j] = ((ex.act_fn(g) * u) * r.weights[tok, slot, None]).double().detach()
+    lam = torch.stack([damp * torch.diagonal(phi[:, j].T @ phi[:, j]).mean() for j in range(kept)])
+    flat = phi.reshape(x.shape[0], -1)
+    ridge = torch.diag(lam.repeat_interleave(inter))
+    d0 = trained.double().permute(0, 2, 1).reshape(kept * inter, hidden)  # stacked D_e^T
+    want = torch.linalg.solve(flat.T @ flat + ridge, flat.T @ y.double() + ridge @ d0)
+    got = b.experts.down_proj.double().permute(0, 2, 1).reshape(kept * inter, hidden)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
+    with torch.no_grad():
+        err = float((_moe(b, x) - y).square().sum() / y.square().sum())
+    assert err == pytest.approx(out["error_after"], rel=1e-3)
+
+
+def test_pipeline_records_each_layer_and_keep_all_stays_exact(tmp_path: Path) -> None:
+    from omniedge.checkpoint import load_checkpoint
+    from omniedge.compress import pipeline
+    from omniedge.models.registry import resolve_checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNIEDGE_HOME", str(tmp_path / "home"))
+        tiny = resolve_checkpoint("tiny")
+        calib = {"source": "builtin", "samples": 6, "max_tokens": 64}
+        measure = {"texts": 2, "images": 1, "audios": 1, "max_tokens": 32}
+
+        def run(keep: float, name: str) -> tuple[Path, dict[str, Any]]:
+            stages = [{"prune": {"method": "reap", "keep_ratio": keep}}, {"reconstruct": {}}]
+            recipe = {"stages": stages, "calibration": calib, "measure": measure}
+            out = pipeline.compress(tiny, tmp_path / name, recipe, progress=False)
+            return out, json.loads((out / "omniedge.json").read_text())
+
+        _, meta = run(0.5, "half")
+        rec = next(s for s in meta["stages"] if s["name"] == "reconstruct")["result"]["calibration_error"]
+        assert set(rec) == {"0", "1"}
+        assert all(v["error_after"] < v["error_before"] for v in rec.values())
+
+        same, _ = run(1.0, "same")
+        teacher, tok = load_checkpoint(tiny)
+        student, _ = load_checkpoint(same)
+        ids = torch.tensor([tok.encode("Red circle, blue square: count the shapes.").ids])
+        with torch.inference_mode():
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+            a, b = (m.thinker(**inputs).logits for m in (student, teacher))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
