@@ -85,6 +85,7 @@ def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any) -> None:
 def test_pipeline_records_each_layer_and_keep_all_stays_exact(tmp_path: Path) -> None:
     from omniedge.checkpoint import load_checkpoint
     from omniedge.compress import pipeline
+    from omniedge.compress.report import rows
     from omniedge.models.registry import resolve_checkpoint
 
     with pytest.MonkeyPatch.context() as mp:
@@ -103,6 +104,12 @@ def test_pipeline_records_each_layer_and_keep_all_stays_exact(tmp_path: Path) ->
         rec = next(s for s in meta["stages"] if s["name"] == "reconstruct")["result"]["calibration_error"]
         assert set(rec) == {"0", "1"}
         assert all(v["error_after"] < v["error_before"] for v in rec.values())
+        cols, body = rows(meta["layers"]["report"])  # what `omniedge compress --report` prints
+        at = cols.index("calibration error before -> after reconstruct")
+        assert [row[at] for row in body] == [
+            f"{rec[k]['error_before']:.2e} -> {rec[k]['error_after']:.2e}" for k in ("0", "1")
+        ]
+        assert "out err reconstruct" in cols
 
         same, _ = run(1.0, "same")
         teacher, tok = load_checkpoint(tiny)

@@ -43,10 +43,12 @@ def _pct(v: float | None) -> str:
 
 def rows(layers: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Column names and one row of strings per layer."""
-    stages = [s for s in ("prune", "quantize") if any(s in r for r in layers)]
+    stages = [s for s in ("prune", "reconstruct", "quantize") if any(s in r for r in layers)]
     cols = ["layer"]
     if "prune" in stages:
         cols += ["kept", "routed slots kept (t/i/a)", "saliency min / med / max", "saliency kept"]
+    if "reconstruct" in stages:
+        cols += ["calibration error before -> after reconstruct"]
     if "quantize" in stages:
         cols += ["weight error (rel.)", "fallback experts"]
     cols += [f"out err {s}" for s in stages]
@@ -66,6 +68,9 @@ def rows(layers: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 ]
             else:
                 row += ["dense", "", "", ""]
+        if "reconstruct" in stages:
+            c = r.get("reconstruct")
+            row.append(f"{c['error_before']:.2e} -> {c['error_after']:.2e}" if c else "-")
         if "quantize" in stages:
             q = r.get("quantize") or {}
             row.append(
