@@ -45,9 +45,10 @@ def test_with_every_expert_kept_the_trained_weights_come_back(block: Any) -> Non
     torch.testing.assert_close(b.experts.down_proj, before, rtol=1e-4, atol=1e-6)
 
 
-def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any) -> None:
-    """Block coordinate descent over experts ends at the closed-form ridge solution over all kept experts'
-    down projections at once, and the block's own forward then gives that fit's output."""
+@pytest.mark.parametrize("token_weight", ["uniform", "relative"])
+def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any, token_weight: str) -> None:
+    """Block coordinate descent over experts ends at the closed-form (token-weighted) ridge solution over all
+    kept experts' down projections at once, and the block's own forward then gives that fit's output."""
     b = copy.deepcopy(block)
     top_k = b.gate.top_k
     x = _tokens(b, 600, 1)
@@ -58,7 +59,7 @@ def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any) -> None:
     b.gate.num_experts = e // 2
     trained = b.experts.down_proj.detach().clone()  # [E', H, I]
     damp = 0.05
-    out = refit_down(b, x, y, top_k, True, damp=damp, sweeps=60)
+    out = refit_down(b, x, y, top_k, True, damp=damp, sweeps=60, token_weight=token_weight)
     assert out["error_after"] < out["error_before"]
 
     # the same objective solved directly: features [T, E' * I], one ridge weight per expert block
@@ -70,15 +71,18 @@ def test_after_pruning_the_fit_is_the_joint_ridge_solution(block: Any) -> None:
         tok, slot = r.token[a:c], r.slot[a:c]
         g, u = F.linear(x[tok], ex.gate_up_proj[j]).chunk(2, dim=-1)
         phi[tok, j] = ((ex.act_fn(g) * u) * r.weights[tok, slot, None]).double().detach()
+    sq = y.double().square().sum(-1)
+    c = torch.ones_like(sq) if token_weight == "uniform" else 1 / (sq + sq.mean())  # each token's weight
+    phi *= c.sqrt()[:, None, None]
     lam = torch.stack([damp * torch.diagonal(phi[:, j].T @ phi[:, j]).mean() for j in range(kept)])
     flat = phi.reshape(x.shape[0], -1)
     ridge = torch.diag(lam.repeat_interleave(inter))
     d0 = trained.double().permute(0, 2, 1).reshape(kept * inter, hidden)  # stacked D_e^T
-    want = torch.linalg.solve(flat.T @ flat + ridge, flat.T @ y.double() + ridge @ d0)
+    want = torch.linalg.solve(flat.T @ flat + ridge, flat.T @ (y.double() * c.sqrt()[:, None]) + ridge @ d0)
     got = b.experts.down_proj.double().permute(0, 2, 1).reshape(kept * inter, hidden)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
     with torch.no_grad():
-        err = float((_moe(b, x) - y).square().sum() / y.square().sum())
+        err = float(((_moe(b, x) - y).double().square().sum(-1) * c).sum() / (sq * c).sum())
     assert err == pytest.approx(out["error_after"], rel=1e-3)
 
 

@@ -5,8 +5,9 @@ Pruning takes away experts whose share of a token's output then goes missing (th
 the kept ones). The kept experts' intermediate activations h_e(x) = act(G_e x) * (U_e x) do not change, so
 the block's output is linear in their down projections: y(x) = sum_e w_e(x) D_e h_e(x). The stage solves
 
-    min over D  sum_x ||y(x) - y_teacher(x)||^2 + sum_e lambda_e ||D_e - D_e0||^2
+    min over D  sum_x c_x ||y(x) - y_teacher(x)||^2 + sum_e lambda_e ||D_e - D_e0||^2
 
+(c_x: each token's weight, `token_weight`)
 by block coordinate descent over the experts: each step is one ridge regression of an expert's [H, I] down
 projection given the others (exact for that block; the objective falls at every step), `sweeps` passes over
 the layer's experts. The ridge term pulls D_e towards its trained value, lambda_e = `damp` x the mean of the
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from omniedge.compress.layer_inputs import CHUNK_ROWS
 from omniedge.compress.moe import route
-from omniedge.compress.recipe import as_float, as_int, check_keys
+from omniedge.compress.recipe import as_choice, as_float, as_int, check_keys
 from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 
 
@@ -37,6 +38,7 @@ from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 class ReconstructSettings:
     damp: float = 0.01  # ridge weight towards the trained down projection, x the mean Gram diagonal
     sweeps: int = 3  # passes of block coordinate descent over the layer's experts
+    token_weight: str = "relative"  # each token's squared error: relative to its output's norm, or uniform
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "reconstruct") -> ReconstructSettings:
@@ -44,10 +46,25 @@ class ReconstructSettings:
         return cls(
             damp=as_float(d["damp"], f"{where}.damp", 0.0, 100.0),
             sweeps=as_int(d["sweeps"], f"{where}.sweeps"),
+            token_weight=as_choice(d["token_weight"], f"{where}.token_weight", TOKEN_WEIGHTS),
         )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+TOKEN_WEIGHTS = ("relative", "uniform")
+
+
+def _token_weights(y: torch.Tensor, how: str) -> torch.Tensor:
+    """c_t per token [T]: `uniform` 1 (plain least squares: a few tokens with outputs of huge norm, such as
+    the first of a sequence, then outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so
+    that each token's error counts relative to its own output (the mean keeps near-zero outputs from
+    dominating instead)."""
+    if how == "uniform":
+        return torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
+    sq = y.float().square().sum(-1)
+    return 1.0 / (sq + sq.mean().clamp_min(1e-30))
 
 
 def _features(block: Any, x: torch.Tensor, tok: torch.Tensor, weight: torch.Tensor, e: int) -> torch.Tensor:
@@ -68,19 +85,27 @@ def refit_down(
     normalise: bool,
     damp: float,
     sweeps: int,
+    token_weight: str = "relative",
 ) -> dict[str, Any]:
     """Re-fit `block.experts.down_proj` in place (see the module docstring) on tokens x [T, H] whose teacher
-    MoE output is y_teacher [T, H]. Returns the relative calibration error before and after."""
+    MoE output is y_teacher [T, H]. Returns the (token-weighted) relative calibration error before and after."""
     down = block.experts.down_proj  # [E, H, I]
     with torch.inference_mode():
         r = route(x, block.gate.weight, top_k, normalise)
-        spans = [(e, r.token[a:b], r.weights[r.token[a:b], r.slot[a:b]].float()) for e, a, b in r.spans()]
+        # each token's squared error weighted by c_t (see TOKEN_WEIGHTS), applied as sqrt(c_t) on both sides
+        root = _token_weights(y_teacher, token_weight).sqrt()
+        spans = [
+            (e, tok, r.weights[tok, r.slot[a:b]].float() * root[tok])
+            for e, a, b in r.spans()
+            for tok in (r.token[a:b],)
+        ]
         trained = down.detach().float().clone()
         current = trained.clone()
-        resid = y_teacher.float().clone()  # y_teacher - y(x) with the current weights
+        y = y_teacher.float() * root[:, None]
+        resid = y.clone()  # (y_teacher - y(x)) sqrt(c) with the current weights
         for e, tok, w in spans:
             resid.index_add_(0, tok, -(_features(block, x, tok, w, e) @ current[e].T))
-        scale = float(y_teacher.float().square().sum()) or 1.0
+        scale = float(y.square().sum()) or 1.0
         before = float(resid.square().sum()) / scale
         for _ in range(sweeps):
             for e, tok, w in spans:
@@ -116,7 +141,7 @@ class ReconstructStage(Stage):
             return
         x, y = work.inputs.moe_rows()
         s = self.settings
-        out = refit_down(work.layer.mlp, x, y, work.top_k, work.normalise, s.damp, s.sweeps)
+        out = refit_down(work.layer.mlp, x, y, work.top_k, work.normalise, s.damp, s.sweeps, s.token_weight)
         self.layers[work.index] = out
         work.report["reconstruct"] = out
 
