@@ -144,6 +144,7 @@ def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> 
         ({"stages": [{"prune": {}}, {"prune": {}}]}, "twice"),
         ({"stages": [{"reconstruct": {}}, {"prune": {}}]}, "after prune"),
         ({"stages": [{"reconstruct": {"damp": 0}}]}, "damp"),
+        ({"stages": [{"reconstruct": {"damp": "strong"}}]}, "damp"),
         ({"stages": [{"reconstruct": {"sweeps": 0}}]}, "sweeps"),
         ({"stages": [{"reconstruct": {"token_weight": "loud"}}]}, "token_weight"),
         ({"stages": [{"prune": {"keep_ratio": 0.5, "colour": 1}}]}, "unknown field"),

@@ -40,9 +40,10 @@ def test_with_every_expert_kept_the_trained_weights_come_back(block: Any) -> Non
     with torch.no_grad():
         y = _moe(b, x)
     before = b.experts.down_proj.detach().clone()
-    out = refit_down(b, x, y, b.gate.top_k, True, damp=0.01, sweeps=3)
-    assert out["error_before"] < 1e-10 and out["error_after"] < 1e-10
-    torch.testing.assert_close(b.experts.down_proj, before, rtol=1e-4, atol=1e-6)
+    for damp in (0.01, None):  # fixed, and chosen on held-out tokens
+        out = refit_down(b, x, y, b.gate.top_k, True, damp=damp, sweeps=3)
+        assert out["error_before"] < 1e-10 and out["error_after"] < 1e-10
+        torch.testing.assert_close(b.experts.down_proj, before, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("token_weight", ["uniform", "relative"])
@@ -123,3 +124,42 @@ def test_pipeline_records_each_layer_and_keep_all_stays_exact(tmp_path: Path) ->
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
             a, b = (m.thinker(**inputs).logits for m in (student, teacher))
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_each_modality_weighs_the_same_in_total() -> None:
+    from omniedge.compress.reconstruct import _token_weights
+
+    y = torch.randn(100, 8, generator=torch.Generator().manual_seed(3))
+    y[0] *= 1000  # one huge output
+    modality = torch.tensor([0] * 90 + [2] * 10)  # text and audio; no image
+    for how in ("uniform", "relative"):
+        plain, balanced = _token_weights(y, how), _token_weights(y, how, modality)
+        assert float(balanced[:90].sum()) == pytest.approx(float(balanced[90:].sum()), rel=1e-5)
+        assert float(balanced.sum()) == pytest.approx(float(plain.sum()), rel=1e-5)
+        # within a modality the proportions stay as the token weighting made them
+        torch.testing.assert_close(balanced[:90] / balanced[1], plain[:90] / plain[1])
+    rel = _token_weights(y, "relative")
+    assert float(rel[0]) < float(rel[1:].min())  # the huge output counts relative to its own size
+
+
+def test_auto_damp_is_the_one_that_does_best_on_held_out_tokens(block: Any) -> None:
+    from omniedge.compress.reconstruct import DAMP_GRID
+
+    b = copy.deepcopy(block)
+    x = _tokens(b, 500, 4)
+    with torch.no_grad():
+        y = _moe(b, x)
+    e = int(b.gate.weight.shape[0])
+    prune_block(b, list(range(e // 2)))
+    b.gate.num_experts = e // 2
+    fixed = copy.deepcopy(b)
+    out = refit_down(b, x, y, b.gate.top_k, True, damp=None, sweeps=2)
+    trials = out["held_out_fifth"]
+    assert set(trials) == {"none", *(str(d) for d in DAMP_GRID)}
+    assert out["damp"] == min(trials, key=lambda k: trials[k])
+    if out["damp"] == "none":
+        torch.testing.assert_close(b.experts.down_proj, fixed.experts.down_proj)
+    else:  # then fitted on every token with that damp
+        again = refit_down(fixed, x, y, b.gate.top_k, True, damp=float(out["damp"]), sweeps=2)
+        torch.testing.assert_close(b.experts.down_proj, fixed.experts.down_proj)
+        assert again["error_after"] == out["error_after"] < out["error_before"]

@@ -237,7 +237,7 @@ def test_quantizer_inputs_are_the_tokens_routed_to_each_expert(tiny_model: Any) 
     e, h = block.gate.weight.shape
     x = torch.randn(40, h, generator=torch.Generator().manual_seed(8))
     inputs = LayerInputs()
-    inputs.add_moe(x, torch.zeros_like(x))  # the teacher output: not read by quantizers
+    inputs.add_moe(x, torch.zeros_like(x), torch.zeros(len(x)))  # output, modality: not read by quantizers
     gate_up, down = inputs.experts(block, block.gate.top_k, True, Want(hessian=True, samples=64))
     with torch.no_grad():
         _, _, idx = block.gate(x)

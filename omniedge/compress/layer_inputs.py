@@ -43,7 +43,13 @@ class LayerInputs:
     """Rows that reached one layer's weights during the calibration pass (attach with `recording`)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[torch.Tensor]] = {"qkv": [], "o_proj": [], "moe": [], "moe_out": []}
+        self.rows: dict[str, list[torch.Tensor]] = {
+            "qkv": [],
+            "o_proj": [],
+            "moe": [],
+            "moe_out": [],
+            "modality": [],
+        }
 
     @contextlib.contextmanager
     def recording(self, layer: nn.Module) -> Iterator[None]:
@@ -66,14 +72,16 @@ class LayerInputs:
             for h in hooks:
                 h.remove()
 
-    def add_moe(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The MoE block's input rows and the teacher's output for them (before any stage changed it)."""
+    def add_moe(self, x: torch.Tensor, y: torch.Tensor, modality: torch.Tensor) -> None:
+        """The MoE block's input rows, the teacher's output for them (before any stage changed it) and each
+        row's modality (0 text, 1 image, 2 audio)."""
         self.rows["moe"].append(x)
         self.rows["moe_out"].append(y)
+        self.rows["modality"].append(modality)
 
-    def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [T, H], the teacher's MoE outputs [T, H]) of every calibration token."""
-        return self._all("moe"), self._all("moe_out")
+    def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs [T, H], the teacher's MoE outputs [T, H], modalities [T]) of every calibration token."""
+        return self._all("moe"), self._all("moe_out"), self._all("modality")
 
     def tokens(self) -> int:
         return sum(int(r.shape[0]) for r in self.rows["qkv"])

@@ -114,7 +114,7 @@ def run_layer(
                 modality=modality,
             )
             if inputs is not None:
-                inputs.add_moe(x, moe)
+                inputs.add_moe(x, moe, modality)
             start = 0
             for i, post in zip(group, posts, strict=True):
                 n = samples[i].length
