@@ -191,6 +191,39 @@ def test_settings_validate_and_read_a_recipe_stage() -> None:
         DistillSettings(batch={"video": 3})
 
 
+def test_a_time_budget_is_decided_at_10_steps_and_once_more_at_50() -> None:
+    """Steps slow at first (workers warming up) must not cut the run short: the count decided from the
+    first 10 is decided again from steps 30-50, once; a fixed --steps is never changed."""
+    from types import SimpleNamespace
+
+    from omniedge.distill.loop import Trainer
+    from omniedge.distill.settings import DistillSettings
+
+    def trainer(steps: int | None) -> SimpleNamespace:
+        acc = SimpleNamespace(num_processes=1, is_main_process=True)
+        s = DistillSettings(time_budget_s=100.0, steps=steps)
+        return SimpleNamespace(
+            s=s, acc=acc, progress=False, state={"total": steps, "step": 0, "seconds": 0.0}
+        )
+
+    t = trainer(None)
+    durations: list[float] = []
+    for i in range(60):
+        durations.append(0.5 if i < 20 else 0.25)  # the first 20 steps twice as slow
+        t.state["step"], t.state["seconds"] = i + 1, sum(durations)
+        Trainer._decide_total(t, durations)  # type: ignore[arg-type]
+        if i + 1 == 10:
+            assert t.state["total"] == 10 + int((100 - 5.0) / 0.5)  # 200 from the slow start
+        if i + 1 == 50:  # 0.25 s per step from here: the budget's end, not the first guess
+            assert t.state["total"] == 50 + int((100 - 17.5) / 0.25) and t.state["total_refined"]
+    assert t.state["total"] == 380  # decided twice, not again later
+
+    fixed = trainer(25)
+    for i in range(60):
+        Trainer._decide_total(fixed, [0.5] * (i + 1))  # type: ignore[arg-type]
+    assert fixed.state["total"] == 25
+
+
 # ---------------------------------------------------------------- the teacher cache
 
 
