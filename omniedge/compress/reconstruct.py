@@ -7,9 +7,9 @@ the block's output is linear in their down projections: y(x) = sum_e w_e(x) D_e 
 
     min over D  sum_x c_x ||y(x) - y_teacher(x)||^2 + sum_e lambda_e ||D_e - D_e0||^2
 
-(c_x: each token's weight, set by `token_weight` and `balance_modalities`) by block coordinate descent over the experts: each step is one ridge regression of an expert's [H, I] down
-projection given the others (exact for that block; the objective falls at every step), `sweeps` passes over
-the layer's experts. The ridge term pulls D_e towards its trained value, lambda_e = `damp` x the mean of the
+(c_x: each token's weight, set by `token_weight` and `balance_modalities`) by block coordinate descent over
+the experts: each step is one ridge regression of an expert's [H, I] down projection given the others (exact
+for that block; the objective falls at every step), `sweeps` passes over the layer's experts. The ridge term pulls D_e towards its trained value, lambda_e = `damp` x the mean of the
 diagonal of that expert's Gram matrix (as GPTQ damps its Hessian); `damp: auto` picks it from DAMP_GRID by the
 error on held-out calibration tokens, or leaves the layer as it is when no fit beats that. With nothing pruned
 the teacher's weights are the exact solution and come back unchanged.
@@ -61,9 +61,8 @@ DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no cha
 
 def _token_weights(y: torch.Tensor, how: str, modality: torch.Tensor | None = None) -> torch.Tensor:
     """c_t per token [T]: `uniform` 1 (plain least squares: a few tokens with outputs of huge norm then
-    outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so
-    that each token's error counts relative to its own output (the mean keeps near-zero outputs from
-    dominating instead). With `modality` [T], each modality present then gets the same total weight (a few
+    outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so that each token's error counts
+    relative to its own output (the mean keeps near-zero outputs from dominating instead). With `modality` [T], each modality present then gets the same total weight (a few
     hundred audio positions among thousands of text ones would otherwise barely count)."""
     if how == "uniform":
         c = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
