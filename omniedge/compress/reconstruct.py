@@ -9,9 +9,10 @@ the block's output is linear in their down projections: y(x) = sum_e w_e(x) D_e 
 
 (c_x: each token's weight, set by `token_weight` and `balance_modalities`) by block coordinate descent over
 the experts: each step is one ridge regression of an expert's [H, I] down projection given the others (exact
-for that block; the objective falls at every step), `sweeps` passes over the layer's experts. The ridge term pulls D_e towards its trained value, lambda_e = `damp` x the mean of the
-diagonal of that expert's Gram matrix (as GPTQ damps its Hessian); `damp: auto` picks it from DAMP_GRID by the
-error on held-out calibration tokens, or leaves the layer as it is when no fit beats that. With nothing pruned
+for that block; the objective falls at every step), `sweeps` passes over the layer's experts. The ridge term
+pulls D_e towards its trained value, lambda_e = `damp` x the mean of the diagonal of that expert's Gram matrix
+(as GPTQ damps its Hessian); `damp: auto` picks it from DAMP_GRID by the error on held-out calibration tokens,
+or leaves the layer as it is when no fit beats that. With nothing pruned
 the teacher's weights are the exact solution and come back unchanged.
 
 This is a per-layer output reconstruction in the sense of GPTQ's, applied to what pruning changed: no
