@@ -12,8 +12,8 @@ the experts: each step is one ridge regression of an expert's [H, I] down projec
 for that block; the objective falls at every step), `sweeps` passes over the layer's experts. The ridge term
 pulls D_e towards its trained value, lambda_e = `damp` x the mean of the diagonal of that expert's Gram matrix
 (as GPTQ damps its Hessian); `damp: auto` picks it from DAMP_GRID by the error on held-out calibration tokens,
-or leaves the layer as it is when no fit beats that. With nothing pruned
-the teacher's weights are the exact solution and come back unchanged.
+or leaves the layer as it is when no fit beats that. With nothing pruned the teacher's weights are the exact
+solution and come back unchanged.
 
 This is a per-layer output reconstruction in the sense of GPTQ's, applied to what pruning changed: no
 gradient, no labels, the teacher's calibration inputs of the layer (omniedge.compress.layer_inputs) and its
@@ -63,8 +63,9 @@ DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no cha
 def _token_weights(y: torch.Tensor, how: str, modality: torch.Tensor | None = None) -> torch.Tensor:
     """c_t per token [T]: `uniform` 1 (plain least squares: a few tokens with outputs of huge norm then
     outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so that each token's error counts
-    relative to its own output (the mean keeps near-zero outputs from dominating instead). With `modality` [T], each modality present then gets the same total weight (a few
-    hundred audio positions among thousands of text ones would otherwise barely count)."""
+    relative to its own output (the mean keeps near-zero outputs from dominating instead). With `modality`
+    [T], each modality present then gets the same total weight (a few hundred audio positions among thousands
+    of text ones would otherwise barely count)."""
     if how == "uniform":
         c = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
     else:
