@@ -7,10 +7,12 @@ Hessian sum x^T x, a seeded sample of rows): a Linear sees every calibration tok
 experts sees only the tokens the (pruned) router sends to it: gate_up_proj their MoE input rows,
 down_proj act(gate) * up of those rows, computed with the layer's float weights of that moment.
 
-The teacher's MoE output of those rows is kept too (the `reconstruct` stage fits to it).
+When a stage asks for it (`reconstruct` fits to it), the teacher's MoE output of those rows and each row's
+modality are kept too.
 
-Memory: the kept rows are tokens x (3 hidden + heads x head_dim) values in the compute dtype (for the
-30B recipe: 0.37 M tokens x 10,240 x 2 bytes = 7.6 GB at most, freed with the layer).
+Memory: the kept rows are tokens x (2 hidden + heads x head_dim) values in the compute dtype, one hidden more
+with the MoE output (for the 30B recipe: 0.37 M tokens x 8,192 x 2 bytes = 6 GB, 7.6 GB with the output, at
+most; freed with the layer).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Want:
 class LayerInputs:
     """Rows that reached one layer's weights during the calibration pass (attach with `recording`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, moe_output: bool = False) -> None:
+        self.moe_output = moe_output  # keep the teacher's MoE output and the rows' modality (add_moe)
         self.rows: dict[str, list[torch.Tensor]] = {
             "qkv": [],
             "o_proj": [],
@@ -76,8 +79,9 @@ class LayerInputs:
         """The MoE block's input rows, the teacher's output for them (before any stage changed it) and each
         row's modality (0 text, 1 image, 2 audio)."""
         self.rows["moe"].append(x)
-        self.rows["moe_out"].append(y)
-        self.rows["modality"].append(modality)
+        if self.moe_output:
+            self.rows["moe_out"].append(y)
+            self.rows["modality"].append(modality)
 
     def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs [T, H], the teacher's MoE outputs [T, H], modalities [T]) of every calibration token."""

@@ -198,6 +198,7 @@ class LayerByLayer:
         for s in [*calib, *heldout]:
             s.x.hidden = None  # type: ignore[assignment]  # the streams own the hidden states now
         needs_inputs = any(st.needs_inputs for st in self.stages)
+        moe_output = any(st.needs_moe_output for st in self.stages)
         bar = tqdm(range(len(self.sk.layers)), desc="layers", unit="layer", disable=not progress)
         for li in bar:
             t_layer = time.perf_counter()
@@ -207,7 +208,7 @@ class LayerByLayer:
             stats = self._stats_for(layer, li)
 
             t = time.perf_counter()
-            inputs = LayerInputs() if needs_inputs else None
+            inputs = LayerInputs(moe_output) if needs_inputs else None
             with inputs.recording(layer) if inputs is not None else contextlib.nullcontext():
                 streams.calibration = run_layer(
                     layer, li, calib, streams.calibration, top_k, norm, stats, inputs

@@ -185,6 +185,7 @@ class ReconstructStage(Stage):
     settings_type = ReconstructSettings
     settings: ReconstructSettings
     needs_inputs = True
+    needs_moe_output = True
 
     def __init__(self, settings: ReconstructSettings, model: ModelFacts) -> None:
         super().__init__(settings, model)

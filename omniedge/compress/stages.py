@@ -61,6 +61,7 @@ class Stage(ABC):
     name: ClassVar[str]
     settings_type: ClassVar[Any]
     needs_inputs: bool = False  # keep the teacher's calibration inputs of each layer's weights
+    needs_moe_output: bool = False  # keep the teacher's MoE output of those inputs too
     needs_all_stats: bool = False  # run a statistics-only sweep first and call `plan`
 
     def __init__(self, settings: Any, model: ModelFacts) -> None:
