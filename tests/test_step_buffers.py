@@ -1,5 +1,5 @@
-"""The decode step's input buffer and token reader (omniedge/runtime/step_buffers.py): one aligned buffer bound
-by address, written in one copy; the token read back."""
+"""The decode step's input buffer (omniedge/runtime/step_buffers.py): one aligned buffer bound by address,
+written in one copy; and the step's token read back (thinker_ort.StepOutput)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from omniedge.runtime.step_buffers import DecodeInputs, TokenReader
+from omniedge.runtime.step_buffers import DecodeInputs
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -94,8 +94,10 @@ def test_on_a_device_one_update_inplace_moves_the_staged_bytes() -> None:
 
 
 def test_the_token_is_read_from_the_bound_output() -> None:
+    from omniedge.runtime.thinker_ort import StepOutput
+
     nxt = ort.OrtValue.ortvalue_from_numpy(np.array([3], np.int64))
-    r = TokenReader(nxt)
-    assert r.read() == 3
+    r = StepOutput(None, nxt)
+    assert r.greedy() == 3
     nxt.update_inplace(np.array([151643], np.int64))
-    assert r.read() == 151643
+    assert r.greedy() == 151643

@@ -1,4 +1,4 @@
-"""A decode step's inputs and its token: one copy to the device, one read back.
+"""A decode step's inputs: one copy to the device.
 
 A decode step needs three small inputs (the new token's embedding row, its rotary position, the cache length)
 and gives back one token id. On CUDA every copy between host and device is a synchronous call that costs far
@@ -6,8 +6,8 @@ more than its bytes, and the GPU waits through each: on the H200 (30B thinker, 3
 `OrtValue.update_inplace` calls took 49 us and reading the token with `OrtValue.numpy()` 35 us per step
 (bench/h200/step_probe.py; bench/results/2026-12-01-h200-decode-rounds.md). So the three inputs live in
 one device buffer at fixed offsets, bound to the graph by address (the captured CUDA graph replays on those
-addresses) and written from one host staging buffer by one `update_inplace`; the token is read with
-`numpy()`. On the CPU the staging buffer is the bound buffer itself: nothing is copied. Measured after the
+addresses) and written from one host staging buffer by one `update_inplace` (the token is read with
+`numpy()` by thinker_ort.StepOutput). On the CPU the staging buffer is the bound buffer itself: nothing is copied. Measured after the
 change, same machine kind: the host adds 36 us to a step instead of 43-48
 (bench/results/2026-12-01-h200-decode-host-share.md).
 
@@ -63,13 +63,3 @@ class DecodeInputs:
         self.seqlens[0] = seqlens
         if self.device != "cpu":
             self.bound.update_inplace(self.host)
-
-
-class TokenReader:
-    """Reads the graph's `next_token` output ([1] int64): on the CPU the bound buffer itself, on a GPU one copy."""
-
-    def __init__(self, next_token: Any) -> None:
-        self._next = next_token
-
-    def read(self) -> int:
-        return int(self._next.numpy().reshape(-1)[0])
