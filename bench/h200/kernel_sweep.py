@@ -9,7 +9,9 @@ near-tie can flip one; the count says how far they agree). The defaults in ort_c
 Processes differ by a few percent from one to the next on the same settings; `--rounds N` runs the whole list N
 times, interleaved (A B C A B C ...), and ends with each variant's decode p50 per round, their median, and its
 ratio to the first variant within each round (paired: a round's drift cancels), so a difference can be told
-from that spread. `OMNIEDGE_CUDA_OPTIONS` in a variant sets CUDA provider options (e.g. `sdpa_kernel=1`).
+from that spread. `OMNIEDGE_CUDA_OPTIONS` in a variant sets CUDA provider options (e.g. `sdpa_kernel=1`); `@bundle` runs
+the variant on another bundle (a graph variant over the same weights, bench/h200/graph_variant.py), e.g.
+`--combine "router as Gemm=@bundle=/root/work/full-bundle-head-gemm"`.
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     for rnd, (name, env) in ((r, v) for r in range(a.rounds) for v in variants.items()):
         extra = [a for k, v in env.items() if k.startswith("--") for a in (k, v) if a]
         r = run_child(
-            a.bundle,
+            Path(env.get("@bundle", a.bundle)),
             a.providers,
             a.contexts,
             a.new_tokens,
             a.runs,
-            env={k: v for k, v in env.items() if not k.startswith("--")},
+            env={k: v for k, v in env.items() if not k.startswith(("--", "@"))},
             extra=extra,
         )
         row: dict[str, Any] = {"variant": name, "round": rnd, "env": env, **r}
