@@ -140,7 +140,8 @@ class ThinkerBuilder:
             -1
         )  # gate j, up j, ...
         x2 = self.reshape(x, [-1, h])
-        logits = self.router(i, x2, f"{p}gate.weight")
+        router = self.b.const(f"l{i}.router_t", np.ascontiguousarray(self.w.float(f"{p}gate.weight").T))
+        logits = self.b.op("MatMul", [x2, router], name=f"l{i}.router")
         attrs: dict[str, Any] = dict(
             k=c.top_k,
             activation_type="swiglu",
@@ -209,15 +210,6 @@ class ThinkerBuilder:
             **attrs,
         )
         return self.reshape(y, [1, -1, h])
-
-    def router(self, i: int, x2: str, weight: str) -> str:
-        """Raw router logits [tokens, experts] (thinker_spec.ROUTER_OPS); W^T [hidden, experts] is stored
-        either way."""
-        w_t = self.b.const(f"l{i}.router_t", np.ascontiguousarray(self.w.float(weight).T))
-        if self.opts.router == "gemm":
-            w = self.b.op("Transpose", [w_t], name=f"l{i}.router_w", perm=[1, 0])  # folded at load
-            return self.b.op("Gemm", [x2, w], name=f"l{i}.router", transB=1)
-        return self.b.op("MatMul", [x2, w_t], name=f"l{i}.router")
 
     def _check_experts(self, i: int, fc1: tuple[int, ...], fc2: tuple[int, ...]) -> None:
         c, e = self.cfg, self.cfg.experts_of(i)
@@ -298,8 +290,6 @@ def export_thinker_ort(
     bar = tqdm(total=cfg.layers, desc="thinker layers", unit="layer", disable=not progress, leave=False)
     ThinkerBuilder(b, w, cfg, opts, num_deepstack).build(bar)
     bar.close()
-    doc = json.dumps(
-        {"flavour": "ort", "dtype": opts.dtype, "fused_qk_norm": opts.fused_qk_norm, "router": opts.router}
-    )
+    doc = json.dumps({"flavour": "ort", "dtype": opts.dtype, "fused_qk_norm": opts.fused_qk_norm})
     b.save(doc)
     return decode_cost(b, cfg, opts.dtype)

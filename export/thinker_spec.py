@@ -77,28 +77,15 @@ class TextConfig:
             ) from e
 
 
-# The router's logits x @ W^T, [tokens, hidden] x [hidden, experts], as "matmul": MatMul over W^T stored
-# [hidden, experts]; "gemm": Gemm with transB=1 over W [experts, hidden] (the same initializer under a
-# Transpose that ONNX Runtime folds at load, so both forms share one weights file): for one decode token the
-# CUDA provider's cuBLAS then reads W row by row (a dot product per expert) instead of column by column.
-ROUTER_OPS = ("matmul", "gemm")
-
-
 @dataclass
 class Options:
     """How to build: activation dtype (float16 on GPU: ONNX Runtime's CUDA attention has no float32),
-    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level, and how
-    the router's float weight is multiplied (`ROUTER_OPS`: the same values either way)."""
+    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level."""
 
     dtype: str = "float32"
     fused_qk_norm: bool = False
     accuracy_level: int = 0
-    router: str = "matmul"
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.router not in ROUTER_OPS:
-            raise OmniedgeError(f"unknown router op {self.router!r}", f"use one of {', '.join(ROUTER_OPS)}")
 
     @property
     def np_dtype(self) -> Any:

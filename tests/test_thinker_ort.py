@@ -170,52 +170,6 @@ def test_a_graph_variant_shares_the_weights_file(odd: dict[str, Any], tmp_path: 
         variant.unlink(missing_ok=True)
 
 
-def test_the_gemm_router_answers_as_the_matmul_router(odd: dict[str, Any], tmp_path: Path) -> None:
-    """`Options(router="gemm")`: the router as Gemm(transB=1) over the same weights file gives the MatMul
-    graph's logits (prefill and a decode step) and the same greedy token."""
-    import json
-    import os
-
-    from omniedge.export.thinker_ort import Options, export_thinker_ort
-    from omniedge.runtime.app import Omni
-    from omniedge.weights import SafetensorsDir
-
-    a, b = odd["fp32"], tmp_path / "gemm"
-    b.mkdir()
-    for f in a.iterdir():
-        if f.name != "thinker.onnx":
-            os.link(f, b / f.name)
-    cfg = json.loads((odd["checkpoint"] / "config.json").read_text())
-    opts = Options(router="gemm")
-    export_thinker_ort(
-        SafetensorsDir(odd["checkpoint"]), cfg, b / "thinker.onnx", 1, opts, False, a / "thinker.onnx"
-    )
-    outs = []
-    for d in (a, b):
-        with Omni.load(d) as omni:
-            inputs = omni.thinker_inputs(omni.preprocess(PROMPT))
-            first = omni.thinker.prefill(
-                inputs.inputs_embeds, inputs.position_ids[:, 0, :], inputs.deepstack_embeds
-            )
-            l1 = first.logits()
-            l2 = omni.thinker.decode(omni.embed_table[int(l1.argmax())], inputs.ids.size + inputs.rope_delta)
-            outs.append((l1, l2.logits()))
-    for ref, got in zip(outs[0], outs[1], strict=True):
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
-        assert int(got.argmax()) == int(ref.argmax())
-    import onnx
-
-    ops = {n.op_type for n in onnx.load(str(b / "thinker.onnx"), load_external_data=False).graph.node}
-    assert "Gemm" in ops
-
-
-def test_an_unknown_router_op_is_refused() -> None:
-    from omniedge.export.thinker_ort import Options
-
-    with pytest.raises(OmniedgeError, match=r"(?s)unknown router op 'gemv'.*matmul, gemm"):
-        Options(router="gemv")
-
-
 def test_logits_of_a_step_stay_what_they_were(odd: dict[str, Any]) -> None:
     """A step's logits are the caller's copy: the next step writes into the same bound output buffer."""
     from omniedge.runtime.app import Omni

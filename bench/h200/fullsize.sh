@@ -7,8 +7,6 @@ W=/root/work
 # VARIANT=head: the recipe with an INT4 lm_head (recipes/qwen3-omni-30b-prune50-int4-head.yaml), in its own dirs
 SFX=${VARIANT:+-$VARIANT}
 RECIPE=qwen3-omni-30b-prune50-int4$SFX.yaml CKPT=$W/full-int4$SFX BUNDLE=$W/full-bundle$SFX
-# GRAPH=gemm: report/final/steps on the graph variant made by router-variant ($BUNDLE-gemm), outputs tagged so
-[ -n "${GRAPH:-}" ] && BUNDLE=$BUNDLE-$GRAPH && SFX=$SFX-$GRAPH
 mkdir -p "$W" "$OUT" /root/site
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
@@ -70,13 +68,6 @@ EOF
         --json $OUT/sweep-rounds$SFX.json 2>&1 | grep -v Warn ;;
     router-probe)  # the router's matmul alone in each form the CUDA provider can run (bench/h200/router_probe.py)
       timeout 200 python3 bench/h200/router_probe.py --json $OUT/router-probe.json 2>&1 | grep -v Warn | tail -6 ;;
-    router-variant)  # the same bundle with the router as Gemm(transB=1): logits against the bundle's
-      timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-gemm --router gemm \
-        --json $OUT/router-variant$SFX.json 2>&1 | grep -v Warn | tail -3 ;;
-    router-rounds)  # the bundle against its Gemm-router variant, interleaved rounds, each its own process
-      timeout ${SWEEP_TIMEOUT:-560} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 --new-tokens 64 \
-        --runs 2 --rounds ${ROUNDS:-4} --only "runtime defaults" --combine "router as Gemm=@bundle=$BUNDLE-gemm" \
-        --json $OUT/router-rounds$SFX.json 2>&1 | grep -v Warn ;;
     steps)  # a decode step's host share: step vs replay vs queued replays (bench/h200/step_probe.py)
       timeout 200 python3 bench/h200/step_probe.py $BUNDLE $OUT/step-probe$SFX.json 2>&1 | grep -v Warn | tail -3 ;;
     final)  # the report with the runtime's own settings (omniedge/runtime/ort_cuda.py), then omni-mini parity

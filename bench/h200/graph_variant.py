@@ -1,5 +1,5 @@
 """A variant of an exported thinker graph over the same weights file, and its logits against the bundle's on
-one prompt: `python bench/h200/graph_variant.py CHECKPOINT BUNDLE OUT_BUNDLE [--router gemm] [--qk-norm fused]`.
+one prompt: `python bench/h200/graph_variant.py CHECKPOINT BUNDLE OUT_BUNDLE [--qk-norm fused]`.
 
 Every file but the graph and the manifest is hard-linked (the `.data` is the same bytes); the new graph is
 written with `export_thinker_ort(..., data_of=...)`, the manifest records the options. The check: a random
@@ -32,7 +32,7 @@ def make_variant(src: Path, a: Path, b: Path, opts: Options) -> None:
     nd = m["text"]["num_deepstack"]
     export_thinker_ort(SafetensorsDir(src), cfg, b / "thinker.onnx", nd, opts, False, a / "thinker.onnx")
     m["components"]["thinker"] = component_record(b / "thinker.onnx", b)
-    m["thinker_graph"].update(fused_qk_norm=opts.fused_qk_norm, router=opts.router)
+    m["thinker_graph"].update(fused_qk_norm=opts.fused_qk_norm)
     if opts.fused_qk_norm:
         m["thinker_graph"]["providers"] = ["CUDAExecutionProvider"]
     (b / "manifest.json").write_text(json.dumps(m))
@@ -67,19 +67,16 @@ def main() -> None:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("bundle", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--router", default="matmul")
     p.add_argument("--qk-norm", choices=["fused", "separate"], default=None, help="default: as the bundle's")
     p.add_argument("--providers", default="cuda")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     tg = json.loads((a.bundle / "manifest.json").read_text())["thinker_graph"]
     fused = tg.get("fused_qk_norm", False) if a.qk_norm is None else a.qk_norm == "fused"
-    make_variant(
-        a.checkpoint, a.bundle, a.out, Options(dtype=tg["dtype"], fused_qk_norm=fused, router=a.router)
-    )
+    make_variant(a.checkpoint, a.bundle, a.out, Options(dtype=tg["dtype"], fused_qk_norm=fused))
     report = compare(a.bundle, a.out, a.providers)
     if a.json:
-        a.json.write_text(json.dumps({"router": a.router, "fused_qk_norm": fused, **report}, indent=1))
+        a.json.write_text(json.dumps({"fused_qk_norm": fused, **report}, indent=1))
 
 
 if __name__ == "__main__":

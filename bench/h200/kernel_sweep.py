@@ -11,7 +11,7 @@ times, interleaved (A B C A B C ...), and ends with each variant's decode p50 pe
 ratio to the first variant within each round (paired: a round's drift cancels), so a difference can be told
 from that spread. `OMNIEDGE_CUDA_OPTIONS` in a variant sets CUDA provider options (e.g. `sdpa_kernel=1`); `@bundle` runs
 the variant on another bundle (a graph variant over the same weights, bench/h200/graph_variant.py), e.g.
-`--combine "router as Gemm=@bundle=/root/work/full-bundle-head-gemm"`.
+`--combine "fused q/k norm=@bundle=/root/work/full-bundle-fusedqk"`.
 """
 
 from __future__ import annotations

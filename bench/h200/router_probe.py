@@ -77,7 +77,10 @@ def build(variant: str, weights: list[np.ndarray], hidden: int) -> tuple[bytes, 
                 )
             )
         outs.append(y)
-    nodes.append(helper.make_node("Concat", outs, ["logits"], axis=-1))
+    parts = [f"part{j}" for j in range(0, len(outs), 16)]  # CUDA graph capture: Concat takes <= 32 inputs
+    for j, name in zip(range(0, len(outs), 16), parts, strict=True):
+        nodes.append(helper.make_node("Concat", outs[j : j + 16], [name], axis=-1))
+    nodes.append(helper.make_node("Concat", parts, ["logits"], axis=-1))
     g = helper.make_graph(
         nodes,
         "routers",
