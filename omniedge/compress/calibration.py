@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from omniedge.errors import OmniedgeError
-from omniedge.models.family import SPECIAL_TOKENS, thinker_parts
+from omniedge.models.family import MODALITIES, SPECIAL_TOKENS, thinker_parts
 
-MODALITIES = ("text", "image", "audio")
 TEXT, IMAGE, AUDIO = 0, 1, 2
 SAMPLE_RATE = 16_000
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from omniedge.compress.calibration import MODALITIES, SAMPLE_RATE, SPLITS, Request, register_source
+from omniedge.compress.calibration import SAMPLE_RATE, SPLITS, Request, register_source
 from omniedge.errors import OmniedgeError
+from omniedge.models.family import MODALITIES
 from omniedge.prompts import ASR_PROMPT
 
 PACK_FILE = "pack.json"

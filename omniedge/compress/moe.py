@@ -20,8 +20,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-MODALITIES = ("text", "image", "audio")  # row order of every [3, E] tensor (omniedge.compress.calibration)
-
 
 class Sums(NamedTuple):
     """Routing sums with any leading shape: [3] / [3, E] per modality, or [] / [E] pooled."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from omniedge.compress import budget, saliency
-from omniedge.compress.moe import MODALITIES, LayerStats
+from omniedge.compress.moe import LayerStats
 from omniedge.compress.recipe import (
     as_bool,
     as_choice,
@@ -29,6 +29,7 @@ from omniedge.compress.recipe import (
 from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 from omniedge.errors import OmniedgeError
 from omniedge.int4_modules import EXPERTS_PER_LAYER
+from omniedge.models.family import MODALITIES
 
 BUDGETS = ("uniform", "global")
 

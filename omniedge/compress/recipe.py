@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omniedge.errors import OmniedgeError
+from omniedge.models.family import MODALITIES
 
 DEFAULT_RECIPE_PATH = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 
@@ -91,7 +92,6 @@ def as_choice(v: Any, where: str, choices: Any) -> Any:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-MODALITIES = ("text", "image", "audio")
 
 
 def stage_types() -> dict[str, Any]:

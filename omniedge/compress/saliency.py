@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from omniedge.compress.moe import MODALITIES, LayerStats, Sums
+from omniedge.compress.moe import LayerStats, Sums
 from omniedge.errors import OmniedgeError
+from omniedge.models.family import MODALITIES
 
 ScoreFn = Callable[[Sums], torch.Tensor]  # Sums with any leading shape -> scores [..., E]
 

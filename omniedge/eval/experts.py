@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-MODALITIES = ("text", "image", "audio")
+from omniedge.models.family import MODALITIES
 
 
 @dataclass

@@ -24,6 +24,8 @@ SPECIAL_TOKENS: dict[str, str] = {
 }
 # Role words are ordinary single tokens in Qwen's vocabulary (user 872, assistant 77091, system 8948).
 ROLE_TOKENS = ("system", "user", "assistant")
+# What the thinker reads, in the row order of every per-modality tensor (calibration statistics, saliency, eval).
+MODALITIES = ("text", "image", "audio")
 
 
 @dataclass
