@@ -127,18 +127,18 @@ def test_pipeline_records_each_layer_and_keep_all_stays_exact(tmp_path: Path) ->
 
 
 def test_each_modality_weighs_the_same_in_total() -> None:
-    from omniedge.compress.reconstruct import _token_weights
+    from omniedge.compress.reconstruct import token_weights
 
     y = torch.randn(100, 8, generator=torch.Generator().manual_seed(3))
     y[0] *= 1000  # one huge output
     modality = torch.tensor([0] * 90 + [2] * 10)  # text and audio; no image
     for how in ("uniform", "relative"):
-        plain, balanced = _token_weights(y, how), _token_weights(y, how, modality)
+        plain, balanced = token_weights(y, how), token_weights(y, how, modality)
         assert float(balanced[:90].sum()) == pytest.approx(float(balanced[90:].sum()), rel=1e-5)
         assert float(balanced.sum()) == pytest.approx(float(plain.sum()), rel=1e-5)
         # within a modality the proportions stay as the token weighting made them
         torch.testing.assert_close(balanced[:90] / balanced[1], plain[:90] / plain[1])
-    rel = _token_weights(y, "relative")
+    rel = token_weights(y, "relative")
     assert float(rel[0]) < float(rel[1:].min())  # the huge output counts relative to its own size
 
 

@@ -6,6 +6,10 @@ Budgets: `uniform` keeps round(E x keep_ratio) in every layer; `global` ranks th
 together (each layer's scores divided by their sum), after every layer keeps `min_keep` (default top-k):
 it needs every layer's statistics first, so the pipeline runs a statistics-only sweep before pruning.
 Counts can be rounded to a multiple (`multiple_of`). `num_experts_per_tok` never changes.
+
+`method: output` ranks a layer's experts by greedy removal on the MoE block's output error instead of a
+saliency (omniedge.compress.output_prune): it needs the layer's calibration inputs and outputs, so it works
+with the uniform budget only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 
-from omniedge.compress import budget, saliency
+from omniedge.compress import budget, output_prune, saliency
 from omniedge.compress.moe import LayerStats
 from omniedge.compress.recipe import (
     as_bool,
@@ -36,7 +40,7 @@ BUDGETS = ("uniform", "global")
 
 @dataclass(frozen=True)
 class PruneSettings:
-    method: str = "frequency"  # a saliency: frequency, router_mass, reap, random (or a registered one)
+    method: str = "frequency"  # a saliency (frequency, router_mass, reap, contribution, random), or output
     keep_ratio: float = 0.5  # of all experts (uniform: of each layer's)
     weighting: str | dict[str, float] = "modality"  # how modalities vote (saliency.scores)
     budget: str = "uniform"  # uniform | global
@@ -48,7 +52,7 @@ class PruneSettings:
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "prune") -> PruneSettings:
         d = {**asdict(cls()), **check_keys(dict(raw or {}), asdict(cls()), where)}
-        method = as_choice(d["method"], f"{where}.method", saliency.methods())
+        method = as_choice(d["method"], f"{where}.method", [*saliency.methods(), output_prune.METHOD])
         try:
             weighting = saliency.check_weighting(d["weighting"])
         except OmniedgeError as e:
@@ -113,6 +117,21 @@ class PruneStage(Stage):
             flat = [torch.ones(model.num_experts) for _ in model.moe_layers]
             budget.global_budget(flat, model.top_k, s.keep_ratio, s.min_keep, s.multiple_of)
         self.needs_all_stats = s.budget == "global"
+        if s.method == output_prune.METHOD:
+            if s.budget == "global":
+                raise OmniedgeError(
+                    "prune.method output ranks experts within each layer (by greedy removal on that layer's "
+                    "output), so it cannot share one budget across layers",
+                    "use prune.budget: uniform with method output, or a saliency with budget: global",
+                )
+            if s.weighting == "max":
+                raise OmniedgeError(
+                    "prune.weighting max takes each expert's best modality score; method output has no "
+                    "per-expert score to take it from",
+                    "use weighting: modality, token, or {text: 1, image: 1, audio: 2} with method output",
+                )
+            self.needs_inputs = self.needs_moe_output = True  # the layer's calibration inputs and outputs
+        self.removal: dict[int, dict[str, Any]] = {}
         self.counts: dict[int, int] = {li: self.keep for li in model.moe_layers}
         self.kept: dict[int, list[int]] = {}
         self.saliency: dict[int, dict[str, torch.Tensor]] = {}  # per layer: overall and per-modality scores
@@ -135,11 +154,27 @@ class PruneStage(Stage):
     def apply(self, work: LayerWork) -> None:
         if not work.is_moe or work.stats is None:
             return
-        scores = self.scores(work.stats)
-        self.saliency[work.index] = {
-            "overall": scores,
-            **saliency.modality_scores(work.stats, self.settings.method),
-        }
+        s = self.settings
+        if s.method == output_prune.METHOD:
+            if work.inputs is None:
+                raise OmniedgeError("prune.method output ran without calibration inputs", "report this bug")
+            x, y, modality = work.inputs.moe_rows()
+            scores, info = output_prune.greedy_removal_scores(
+                work.layer.mlp,
+                x,
+                y,
+                modality,
+                work.top_k,
+                s.renormalise,
+                self.counts[work.index],
+                s.weighting,
+                s.seed,
+            )
+            self.removal[work.index] = info
+            self.saliency[work.index] = {"overall": scores}
+        else:
+            scores = self.scores(work.stats)
+            self.saliency[work.index] = {"overall": scores, **saliency.modality_scores(work.stats, s.method)}
         kept = budget.select(scores, self.counts[work.index])
         prune_block(work.layer.mlp, kept)
         work.kept = kept
@@ -149,6 +184,8 @@ class PruneStage(Stage):
         self.routed += counts.sum(1).double()
         self.routed_kept += counts[:, kept].sum(1).double()
         share = budget.routed_share_kept(counts, kept)
+        if work.index in self.removal:
+            work.report["output_removal"] = self.removal[work.index]
         work.report["prune"] = {
             "experts": len(kept),
             "kept": kept,
@@ -184,4 +221,9 @@ class PruneStage(Stage):
             "experts_per_layer": {str(k): v for k, v in sorted(self.counts.items())},
             "kept": {str(k): v for k, v in sorted(self.kept.items())},
             "routed_share_kept": share,
+            **(
+                {"output_removal": {str(k): v for k, v in sorted(self.removal.items())}}
+                if self.removal
+                else {}
+            ),
         }

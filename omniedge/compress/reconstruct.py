@@ -60,7 +60,7 @@ TOKEN_WEIGHTS = ("relative", "uniform")
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no change) on held-out tokens
 
 
-def _token_weights(y: torch.Tensor, how: str, modality: torch.Tensor | None = None) -> torch.Tensor:
+def token_weights(y: torch.Tensor, how: str, modality: torch.Tensor | None = None) -> torch.Tensor:
     """c_t per token [T]: `uniform` 1 (plain least squares: a few tokens with outputs of huge norm then
     outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so that each token's error counts
     relative to its own output (the mean keeps near-zero outputs from dominating instead). With `modality`
@@ -153,7 +153,7 @@ def refit_down(
     every token). Returns the (token-weighted) relative calibration error before and after, and the damp."""
     down = block.experts.down_proj  # [E, H, I]
     with torch.inference_mode():
-        root = _token_weights(y_teacher, token_weight, modality).sqrt()
+        root = token_weights(y_teacher, token_weight, modality).sqrt()
         y = y_teacher.float() * root[:, None]
         trained = down.detach().float().clone()
         spans = _spans(block, x, top_k, normalise, root)
