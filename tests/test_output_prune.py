@@ -126,3 +126,39 @@ def test_pipeline_prunes_by_output_and_records_the_removal(tmp_path: Path) -> No
     for layer, kept in result["kept"].items():
         assert len(kept) == result["experts_per_layer"][layer]
         assert len(removal[layer]["error_after_each_removal"]) == result["experts_before"] - len(kept)
+
+
+def test_the_calibration_pass_records_what_the_next_layer_reads(tmp_path: Path) -> None:
+    """`token_weight: residual` divides by ||h + y||^2 of each token: the calibration pass records it as the
+    squared norm of the hidden state the next layer reads (checked on every MoE layer of a tiny compress that
+    prunes by output with those weights)."""
+    from omniedge.compress import layerwise, pipeline
+    from omniedge.models.registry import resolve_checkpoint
+
+    checked = []
+    original = layerwise.run_layer
+
+    def run_layer(*args: Any, **kw: Any) -> Any:
+        out = original(*args, **kw)
+        inputs = kw.get("inputs", args[7] if len(args) > 7 else None)
+        if inputs is not None and inputs.residual_sq() is not None:
+            want = torch.cat([h.reshape(-1, h.shape[-1]) for h in out]).float().square().sum(-1)
+            torch.testing.assert_close(inputs.residual_sq(), want)
+            checked.append(args[1])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMNIEDGE_HOME", str(tmp_path / "home"))
+        mp.setattr(layerwise, "run_layer", run_layer)
+        recipe = {
+            "stages": [{"prune": {"method": "output", "keep_ratio": 0.5, "token_weight": "residual"}}],
+            "calibration": {"source": "builtin", "samples": 6, "max_tokens": 64},
+            "measure": {"texts": 2, "images": 1, "audios": 1, "max_tokens": 32},
+        }
+        out = pipeline.compress(resolve_checkpoint("tiny"), tmp_path / "res", recipe, progress=False)
+    assert sorted(set(checked)) == [0, 1]
+    result = json.loads((out / "omniedge.json").read_text())["stages"][0]
+    assert result["settings"]["token_weight"] == "residual" and set(result["result"]["output_removal"]) == {
+        "0",
+        "1",
+    }

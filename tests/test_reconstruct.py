@@ -132,14 +132,18 @@ def test_each_modality_weighs_the_same_in_total() -> None:
     y = torch.randn(100, 8, generator=torch.Generator().manual_seed(3))
     y[0] *= 1000  # one huge output
     modality = torch.tensor([0] * 90 + [2] * 10)  # text and audio; no image
-    for how in ("uniform", "relative"):
-        plain, balanced = token_weights(y, how), token_weights(y, how, modality)
+    resid_sq = torch.rand(100, generator=torch.Generator().manual_seed(4)) * 50 + 1
+    for how in ("uniform", "relative", "residual"):
+        plain, balanced = token_weights(y, how, None, resid_sq), token_weights(y, how, modality, resid_sq)
         assert float(balanced[:90].sum()) == pytest.approx(float(balanced[90:].sum()), rel=1e-5)
         assert float(balanced.sum()) == pytest.approx(float(plain.sum()), rel=1e-5)
         # within a modality the proportions stay as the token weighting made them
         torch.testing.assert_close(balanced[:90] / balanced[1], plain[:90] / plain[1])
     rel = token_weights(y, "relative")
     assert float(rel[0]) < float(rel[1:].min())  # the huge output counts relative to its own size
+    torch.testing.assert_close(token_weights(y, "residual", None, resid_sq), 1.0 / resid_sq)
+    with pytest.raises(ValueError, match="resid_sq"):
+        token_weights(y, "residual")
 
 
 def test_auto_damp_is_the_one_that_does_best_on_held_out_tokens(block: Any) -> None:

@@ -7,8 +7,9 @@ Hessian sum x^T x, a seeded sample of rows): a Linear sees every calibration tok
 experts sees only the tokens the (pruned) router sends to it: gate_up_proj their MoE input rows,
 down_proj act(gate) * up of those rows, computed with the layer's float weights of that moment.
 
-When a stage asks for it (`reconstruct` fits to it), the teacher's MoE output of those rows and each row's
-modality are kept too.
+When a stage asks for it (`reconstruct` fits to it), the teacher's MoE output of those rows, each row's
+modality and the squared norm of the residual stream after the MoE (h + y: what the next layer's RMSNorm
+divides by) are kept too.
 
 Memory: the kept rows are tokens x (2 hidden + heads x head_dim) values in the compute dtype, one hidden more
 with the MoE output (for the 30B recipe: 0.37 M tokens x 8,192 x 2 bytes = 6 GB, 7.6 GB with the output, at
@@ -52,6 +53,7 @@ class LayerInputs:
             "moe": [],
             "moe_out": [],
             "modality": [],
+            "resid_sq": [],
         }
 
     @contextlib.contextmanager
@@ -75,13 +77,21 @@ class LayerInputs:
             for h in hooks:
                 h.remove()
 
-    def add_moe(self, x: torch.Tensor, y: torch.Tensor, modality: torch.Tensor) -> None:
-        """The MoE block's input rows, the teacher's output for them (before any stage changed it) and each
-        row's modality (0 text, 1 image, 2 audio)."""
+    def add_moe(
+        self, x: torch.Tensor, y: torch.Tensor, modality: torch.Tensor, resid_sq: torch.Tensor | None = None
+    ) -> None:
+        """The MoE block's input rows, the teacher's output for them (before any stage changed it), each
+        row's modality (0 text, 1 image, 2 audio) and ||h + y||^2 of its residual stream after the MoE."""
         self.rows["moe"].append(x)
         if self.moe_output:
             self.rows["moe_out"].append(y)
             self.rows["modality"].append(modality)
+            if resid_sq is not None:
+                self.rows["resid_sq"].append(resid_sq)
+
+    def residual_sq(self) -> torch.Tensor | None:
+        """||h + y||^2 [T] of every calibration token (None when not recorded)."""
+        return self._all("resid_sq") if self.rows["resid_sq"] else None
 
     def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs [T, H], the teacher's MoE outputs [T, H], modalities [T]) of every calibration token."""

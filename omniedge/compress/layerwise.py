@@ -113,14 +113,16 @@ def run_layer(
                 stats=stats,
                 modality=modality,
             )
-            if inputs is not None:
-                inputs.add_moe(x, moe, modality)
             start = 0
+            after = []
             for i, post in zip(group, posts, strict=True):
                 n = samples[i].length
                 h = post + moe[start : start + n].view_as(post)
                 out.append(add_deepstack(h, samples[i].x, index))
+                after.append(out[-1].reshape(-1, h.shape[-1]))  # what the next layer reads
                 start += n
+            if inputs is not None:
+                inputs.add_moe(x, moe, modality, torch.cat(after).float().square().sum(-1))
     return out
 
 

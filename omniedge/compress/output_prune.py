@@ -10,9 +10,10 @@ does by enumerating expert subsets on small MoEs: the error of a kept set is
 
 with y_t the unpruned block's output for calibration token t, y_hat_t(kept) the output of the block with
 only `kept` (the router's top-k among them, renormalised when `renormalise` is on), and c_t each token's
-weight: relative to its output's norm, each modality present weighing the same in total (as `reconstruct`
-weighs its fit: omniedge.compress.reconstruct.token_weights), times a per-modality factor when the
-stage's `weighting` gives one; `weighting: token` leaves the modalities unbalanced.
+weight as `reconstruct` weighs its fit (omniedge.compress.reconstruct.token_weights, the stage's
+`token_weight`: relative to the token's MoE output, or to its residual stream after the MoE), each modality
+present weighing the same in total, times a per-modality factor when the stage's `weighting` gives one;
+`weighting: token` leaves the modalities unbalanced.
 
 Each expert's output is computed once for the tokens whose router ranks it among their first CANDIDATES
 experts (all experts when a layer has that few): y_hat then only regroups those outputs, so one trial costs
@@ -83,11 +84,17 @@ class _Trial:
         return float((self.c * (self.y - pred).square().sum(-1)).sum()) / self.denom
 
 
-def _weights(y: torch.Tensor, modality: torch.Tensor, weighting: str | Mapping[str, float]) -> torch.Tensor:
-    """c_t: relative to each output's norm; modalities balanced unless `weighting` is `token`."""
+def _weights(
+    y: torch.Tensor,
+    modality: torch.Tensor,
+    weighting: str | Mapping[str, float],
+    token_weight: str,
+    resid_sq: torch.Tensor | None,
+) -> torch.Tensor:
+    """c_t (reconstruct.token_weights' `token_weight`); modalities balanced unless `weighting` is `token`."""
     if weighting == "token":
-        return token_weights(y, "relative")
-    c = token_weights(y, "relative", modality)
+        return token_weights(y, token_weight, None, resid_sq)
+    c = token_weights(y, token_weight, modality, resid_sq)
     if isinstance(weighting, Mapping):
         scale = torch.tensor([float(weighting.get(m, 0.0)) for m in MODALITIES], device=c.device)
         c = c * scale[modality.long().to(c.device)]
@@ -104,6 +111,8 @@ def greedy_removal_scores(
     keep: int,
     weighting: str | Mapping[str, float] = "modality",
     seed: int = 0,
+    token_weight: str = "relative",
+    resid_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Scores [E] (higher = keep) of one MoE block's experts by greedy removal down to `keep`, on tokens
     x [T, H] with the unpruned block's outputs y [T, H] and modalities [T]; and what the removal cost
@@ -113,8 +122,10 @@ def greedy_removal_scores(
     if rows > MAX_ROWS:
         pick = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:MAX_ROWS].to(x.device)
         x, y, modality = x[pick], y[pick], modality[pick]
+        resid_sq = None if resid_sq is None else resid_sq[pick]
     with torch.inference_mode():
-        trial = _Trial(block, x, y, _weights(y, modality, weighting), top_k, normalise)
+        c = _weights(y, modality, weighting, token_weight, resid_sq)
+        trial = _Trial(block, x, y, c, top_k, normalise)
         kept = torch.ones(e_count, dtype=torch.bool, device=x.device)
         scores = torch.zeros(e_count, dtype=torch.float64)
         errors: list[float] = []

@@ -30,6 +30,7 @@ from omniedge.compress.recipe import (
     check_keys,
     recipe_error,
 )
+from omniedge.compress.reconstruct import TOKEN_WEIGHTS
 from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 from omniedge.errors import OmniedgeError
 from omniedge.int4_modules import EXPERTS_PER_LAYER
@@ -47,7 +48,8 @@ class PruneSettings:
     min_keep: int | None = None  # global: each layer keeps at least this many (default top-k)
     multiple_of: int = 1  # keep counts a multiple of this (8 suits GPU kernels)
     renormalise: bool = True  # norm_topk_prob of the pruned router (Qwen3-Omni is trained with it on)
-    seed: int = 0  # of the `random` control
+    seed: int = 0  # of the `random` control (and of method output's token sample)
+    token_weight: str = "relative"  # method output: each token's error relative to its MoE output or residual
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "prune") -> PruneSettings:
@@ -67,6 +69,7 @@ class PruneSettings:
             multiple_of=as_int(d["multiple_of"], f"{where}.multiple_of"),
             renormalise=as_bool(d["renormalise"], f"{where}.renormalise"),
             seed=as_int(d["seed"], f"{where}.seed", lo=0),
+            token_weight=as_choice(d["token_weight"], f"{where}.token_weight", TOKEN_WEIGHTS),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,6 +172,8 @@ class PruneStage(Stage):
                 self.counts[work.index],
                 s.weighting,
                 s.seed,
+                s.token_weight,
+                work.inputs.residual_sq(),
             )
             self.removal[work.index] = info
             self.saliency[work.index] = {"overall": scores}

@@ -39,7 +39,9 @@ from omniedge.compress.stages import LayerWork, ModelFacts, Stage
 class ReconstructSettings:
     damp: float | str = "auto"  # ridge weight towards the trained weights, x the mean Gram diagonal; or auto
     sweeps: int = 3  # passes of block coordinate descent over the layer's experts
-    token_weight: str = "relative"  # each token's squared error: relative to its output's norm, or uniform
+    token_weight: str = (
+        "relative"  # each token's squared error: relative to its output, its residual, uniform
+    )
     balance_modalities: bool = True  # text, image and audio positions each weigh the same in total
 
     @classmethod
@@ -56,18 +58,26 @@ class ReconstructSettings:
         return asdict(self)
 
 
-TOKEN_WEIGHTS = ("relative", "uniform")
+TOKEN_WEIGHTS = ("relative", "uniform", "residual")
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no change) on held-out tokens
 
 
-def token_weights(y: torch.Tensor, how: str, modality: torch.Tensor | None = None) -> torch.Tensor:
+def token_weights(
+    y: torch.Tensor, how: str, modality: torch.Tensor | None = None, resid_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     """c_t per token [T]: `uniform` 1 (plain least squares: a few tokens with outputs of huge norm then
     outweigh all the others); `relative` 1 / (||y_t||^2 + mean ||y||^2), so that each token's error counts
-    relative to its own output (the mean keeps near-zero outputs from dominating instead). With `modality`
+    relative to its own output (the mean keeps near-zero outputs from dominating instead); `residual`
+    1 / ||h_t + y_t||^2 (`resid_sq`), relative to the residual stream the output joins, which the next
+    layer's RMSNorm divides by: an error counts by how much it moves what that layer reads. With `modality`
     [T], each modality present then gets the same total weight (a few hundred audio positions among thousands
     of text ones would otherwise barely count)."""
     if how == "uniform":
         c = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
+    elif how == "residual":
+        if resid_sq is None:
+            raise ValueError("token weights `residual` need the residual stream's norms (resid_sq)")
+        c = 1.0 / resid_sq.float().to(y.device).clamp_min(1e-30)
     else:
         sq = y.float().square().sum(-1)
         c = 1.0 / (sq + sq.mean().clamp_min(1e-30))
@@ -146,6 +156,7 @@ def refit_down(
     sweeps: int,
     token_weight: str = "relative",
     modality: torch.Tensor | None = None,
+    resid_sq: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Re-fit `block.experts.down_proj` in place (see the module docstring) on tokens x [T, H] whose teacher
     MoE output is y_teacher [T, H]. `damp` None: chosen from DAMP_GRID by the error on every fifth token
@@ -153,7 +164,7 @@ def refit_down(
     every token). Returns the (token-weighted) relative calibration error before and after, and the damp."""
     down = block.experts.down_proj  # [E, H, I]
     with torch.inference_mode():
-        root = token_weights(y_teacher, token_weight, modality).sqrt()
+        root = token_weights(y_teacher, token_weight, modality, resid_sq).sqrt()
         y = y_teacher.float() * root[:, None]
         trained = down.detach().float().clone()
         spans = _spans(block, x, top_k, normalise, root)
@@ -206,6 +217,7 @@ class ReconstructStage(Stage):
             s.sweeps,
             s.token_weight,
             modality if s.balance_modalities else None,
+            work.inputs.residual_sq(),
         )
         self.layers[work.index] = out
         work.report["reconstruct"] = out
