@@ -103,6 +103,8 @@ def test_recipe_errors() -> None:
         PruneStage(PruneSettings.parse({"method": "output", "budget": "global"}), facts)
     with pytest.raises(OmniedgeError, match="weighting max"):
         PruneStage(PruneSettings.parse({"method": "output", "weighting": "max"}), facts)
+    with pytest.raises(OmniedgeError, match="token_weight"):
+        PruneSettings.parse({"method": "reap", "token_weight": "residual"})
     stage = PruneStage(PruneSettings.parse({"method": "output"}), facts)
     assert stage.needs_inputs and stage.needs_moe_output
 

@@ -36,9 +36,7 @@ from omniedge.compress.reconstruct import token_weights
 from omniedge.models.family import MODALITIES
 
 METHOD = "output"
-CANDIDATES = (
-    32  # experts per token whose outputs are computed (all of them when a layer has at most this many)
-)
+CANDIDATES = 32  # experts per token whose outputs are computed (every one when a layer has no more)
 MAX_ROWS = 32_768  # calibration tokens used per layer (a seeded sample beyond this)
 
 

@@ -60,6 +60,12 @@ class PruneSettings:
         except OmniedgeError as e:
             raise recipe_error(f"{where}.weighting", e.problem, e.fix or "") from None
         min_keep = d["min_keep"]
+        if d["token_weight"] != cls.token_weight and method != output_prune.METHOD:
+            raise recipe_error(
+                f"{where}.token_weight",
+                f"weighs tokens for method output only; method {method} scores experts from routing statistics",
+                "drop token_weight, or use method: output",
+            )
         return cls(
             method=method,
             keep_ratio=as_float(d["keep_ratio"], f"{where}.keep_ratio", 0.0, 1.0),
