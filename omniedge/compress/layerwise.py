@@ -114,15 +114,18 @@ def run_layer(
                 modality=modality,
             )
             start = 0
-            after = []
             for i, post in zip(group, posts, strict=True):
                 n = samples[i].length
                 h = post + moe[start : start + n].view_as(post)
                 out.append(add_deepstack(h, samples[i].x, index))
-                after.append(out[-1].reshape(-1, h.shape[-1]))  # what the next layer reads
                 start += n
-            if inputs is not None:
-                inputs.add_moe(x, moe, modality, torch.cat(after).float().square().sum(-1))
+            if inputs is not None:  # with the MoE output: ||what the next layer reads||^2 per token
+                resid_sq = None
+                if inputs.moe_output:
+                    resid_sq = torch.cat(
+                        [o.reshape(-1, o.shape[-1]).float().square().sum(-1) for o in out[-len(group) :]]
+                    )
+                inputs.add_moe(x, moe, modality, resid_sq)
     return out
 
 

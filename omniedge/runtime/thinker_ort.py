@@ -113,8 +113,7 @@ class OrtThinker:
         self.kv_bytes = 2 * num_layers * int(np.prod(kv_shape)) * np.dtype(self.dtype).itemsize
         self.logits_buf = self._alloc([1, vocab], np.float32)
         self.next_buf = self._alloc([1], np.int64)
-        # Decode-step inputs: fixed buffers (the CUDA graph replays on these addresses); the embedding row,
-        # position and cache length share one, written by one copy per step (step_buffers.py)
+        # decode-step inputs: one fixed buffer the CUDA graph replays on, one copy a step (step_buffers.py)
         self.step_in = DecodeInputs(ort, device, hidden, self.dtype)
         self.d_deepstack = (
             self._value(np.zeros((num_deepstack, 1, 1, hidden), self.dtype)) if num_deepstack else None
