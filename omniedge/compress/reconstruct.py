@@ -17,7 +17,8 @@ solution and come back unchanged.
 
 This is a per-layer output reconstruction in the sense of GPTQ's, applied to what pruning changed: no
 gradient, no labels, the teacher's calibration inputs of the layer (omniedge.compress.layer_inputs) and its
-MoE output on them. A quantize stage after it quantizes the re-fitted weights.
+MoE output on them. A quantize stage after it quantizes the re-fitted weights. `fit: block` then fits the
+router and every kept expert weight too, by gradient (omniedge.compress.block_fit).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from omniedge.compress.block_fit import fit_block
 from omniedge.compress.layer_inputs import CHUNK_ROWS
 from omniedge.compress.moe import route
 from omniedge.compress.recipe import as_bool, as_choice, as_float, as_int, check_keys
@@ -43,6 +45,10 @@ class ReconstructSettings:
         "relative"  # each token's squared error: relative to its output, its residual, uniform
     )
     balance_modalities: bool = True  # text, image and audio positions each weigh the same in total
+    fit: str = "down"  # down: the ridge re-fit above; block: then router + every kept expert weight by Adam
+    steps: int = 400  # fit: block: Adam steps (the weights with the lowest held-out error are kept)
+    lr: float = 3e-4  # fit: block: Adam's learning rate
+    batch_tokens: int = 4096  # fit: block: calibration tokens per step
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "reconstruct") -> ReconstructSettings:
@@ -52,6 +58,10 @@ class ReconstructSettings:
             sweeps=as_int(d["sweeps"], f"{where}.sweeps"),
             token_weight=as_choice(d["token_weight"], f"{where}.token_weight", TOKEN_WEIGHTS),
             balance_modalities=as_bool(d["balance_modalities"], f"{where}.balance_modalities"),
+            fit=as_choice(d["fit"], f"{where}.fit", FITS),
+            steps=as_int(d["steps"], f"{where}.steps"),
+            lr=as_float(d["lr"], f"{where}.lr", 1e-7, 1.0),
+            batch_tokens=as_int(d["batch_tokens"], f"{where}.batch_tokens"),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,6 +69,7 @@ class ReconstructSettings:
 
 
 TOKEN_WEIGHTS = ("relative", "uniform", "residual")
+FITS = ("down", "block")
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no change) on held-out tokens
 
 
@@ -207,6 +218,7 @@ class ReconstructStage(Stage):
             return
         x, y, modality = work.inputs.moe_rows()
         s = self.settings
+        modality = modality if s.balance_modalities else None
         out = refit_down(
             work.layer.mlp,
             x,
@@ -216,9 +228,12 @@ class ReconstructStage(Stage):
             None if s.damp == "auto" else float(s.damp),
             s.sweeps,
             s.token_weight,
-            modality if s.balance_modalities else None,
+            modality,
             work.inputs.residual_sq(),
         )
+        if s.fit == "block":
+            c = token_weights(y, s.token_weight, modality, work.inputs.residual_sq())
+            out["block"] = fit_block(work.layer.mlp, x, y, c, s.steps, s.lr, s.batch_tokens)
         self.layers[work.index] = out
         work.report["reconstruct"] = out
 

@@ -70,7 +70,10 @@ def rows(layers: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 row += ["dense", "", "", ""]
         if "reconstruct" in stages:
             c = r.get("reconstruct")
-            row.append(f"{c['error_before']:.2e} -> {c['error_after']:.2e}" if c else "-")
+            text = f"{c['error_before']:.2e} -> {c['error_after']:.2e}" if c else "-"
+            if c and "block" in c:  # fit: block, its held-out fifth of the tokens
+                text += f"; block {c['block']['held_out_before']:.2e} -> {c['block']['held_out_after']:.2e} held out"
+            row.append(text)
         if "quantize" in stages:
             q = r.get("quantize") or {}
             row.append(
