@@ -116,3 +116,14 @@ def test_pipeline_records_the_block_fit_and_the_report_shows_it(tmp_path: Any) -
     cols, body = rows(meta["layers"]["report"])
     at = cols.index("calibration error before -> after reconstruct")
     assert all("held out" in row[at] for row in body)
+
+
+def test_fits_inference_tensors_and_under_no_grad(block: Any) -> None:
+    """The pipeline records calibration rows and prunes under inference mode; the fit still trains."""
+    b = copy.deepcopy(block)
+    with torch.inference_mode():
+        x, y = _data(b, 1500, 3)
+        prune_block(b, list(range(0, int(b.gate.weight.shape[0]), 2)))
+    with torch.no_grad():
+        out = fit_block(b, x, y, torch.ones(x.shape[0]), steps=10, lr=3e-4, batch_tokens=256, check_every=5)
+    assert out["fitted_after"] < out["fitted_before"]

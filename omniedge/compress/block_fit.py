@@ -54,13 +54,12 @@ def fit_block(
     and the step whose weights were kept (0: the starting weights were best)."""
     held = torch.arange(x.shape[0], device=x.device) % 5 == 4
     # clones made outside inference mode: the recorded rows and the pruned weights may be inference tensors
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.enable_grad():  # also when called under no_grad
         xf, yf, cf = (t[~held].float().clone() for t in (x, y_teacher, c))
         xv, yv, cv = (t[held].float().clone() for t in (x, y_teacher, c))
         start = {k: dict(block.named_parameters())[k].detach().float().clone() for k in WEIGHTS}
         params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
-        fixed = {k: v.detach().float() for k, v in block.named_parameters() if k not in WEIGHTS}
-        fixed = {k: v.clone() for k, v in fixed.items()}
+        fixed = {k: v.detach().float().clone() for k, v in block.named_parameters() if k not in WEIGHTS}
 
         def held_out(p: dict[str, torch.Tensor]) -> float:
             with torch.no_grad():
