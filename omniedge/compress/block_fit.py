@@ -57,16 +57,16 @@ def fit_block(
     with torch.inference_mode(False), torch.enable_grad():  # also when called under no_grad
         xf, yf, cf = (t[~held].float().clone() for t in (x, y_teacher, c))
         xv, yv, cv = (t[held].float().clone() for t in (x, y_teacher, c))
-        start = {k: dict(block.named_parameters())[k].detach().float().clone() for k in WEIGHTS}
+        own = dict(block.named_parameters())
+        start = {k: own[k].detach().float().clone() for k in WEIGHTS}
         params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
-        fixed = {k: v.detach().float().clone() for k, v in block.named_parameters() if k not in WEIGHTS}
 
         def held_out(p: dict[str, torch.Tensor]) -> float:
             with torch.no_grad():
-                return float(_error(block, {**fixed, **p}, xv, yv, cv).detach())
+                return float(_error(block, p, xv, yv, cv))
 
         with torch.no_grad():
-            fitted_before = float(_error(block, {**fixed, **start}, xf, yf, cf))
+            fitted_before = float(_error(block, start, xf, yf, cf))
         best_err, best_step, best = held_out(start), 0, start
         before = best_err
         opt = torch.optim.Adam(list(params.values()), lr=lr)
@@ -74,7 +74,7 @@ def fit_block(
         n = xf.shape[0]
         for step in range(1, steps + 1):
             idx = torch.randint(n, (min(batch_tokens, n),), generator=gen).to(xf.device)
-            loss = _error(block, {**fixed, **params}, xf[idx], yf[idx], cf[idx])
+            loss = _error(block, params, xf[idx], yf[idx], cf[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -84,9 +84,8 @@ def fit_block(
                     best_err, best_step = err, step
                     best = {k: v.detach().clone() for k, v in params.items()}
         with torch.no_grad():
-            fitted_after = float(_error(block, {**fixed, **best}, xf, yf, cf))
+            fitted_after = float(_error(block, best, xf, yf, cf))
     with torch.inference_mode():
-        own = dict(block.named_parameters())
         for k in WEIGHTS:
             own[k].data.copy_(best[k].to(own[k].dtype))
     return {

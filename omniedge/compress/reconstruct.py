@@ -219,6 +219,7 @@ class ReconstructStage(Stage):
         x, y, modality = work.inputs.moe_rows()
         s = self.settings
         modality = modality if s.balance_modalities else None
+        resid_sq = work.inputs.residual_sq()  # concatenated once, for both fits
         out = refit_down(
             work.layer.mlp,
             x,
@@ -229,10 +230,10 @@ class ReconstructStage(Stage):
             s.sweeps,
             s.token_weight,
             modality,
-            work.inputs.residual_sq(),
+            resid_sq,
         )
         if s.fit == "block":
-            c = token_weights(y, s.token_weight, modality, work.inputs.residual_sq())
+            c = token_weights(y, s.token_weight, modality, resid_sq)
             out["block"] = fit_block(work.layer.mlp, x, y, c, s.steps, s.lr, s.batch_tokens)
         self.layers[work.index] = out
         work.report["reconstruct"] = out
