@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -191,9 +192,10 @@ def test_settings_validate_and_read_a_recipe_stage() -> None:
         DistillSettings(batch={"video": 3})
 
 
-def test_a_time_budget_is_decided_at_10_steps_and_once_more_at_50() -> None:
+def test_a_time_budget_is_decided_at_10_steps_then_again_until_three_quarters_done() -> None:
     """Steps slow at first (workers warming up) must not cut the run short: the count decided from the
-    first 10 is decided again from steps 30-50, once; a fixed --steps is never changed."""
+    first 10 steps is decided again every 50 from the last 50, so the run ends at its budget; after three
+    quarters of the steps it no longer moves; a fixed --steps is never changed."""
     from types import SimpleNamespace
 
     from omniedge.distill.loop import Trainer
@@ -206,17 +208,23 @@ def test_a_time_budget_is_decided_at_10_steps_and_once_more_at_50() -> None:
             s=s, acc=acc, progress=False, state={"total": steps, "step": 0, "seconds": 0.0}
         )
 
+    def run(t: SimpleNamespace, seconds_per_step: Callable[[int], float]) -> list[int]:
+        durations: list[float] = []
+        decided: list[int] = []
+        while t.state["total"] is None or t.state["step"] < t.state["total"]:
+            durations.append(seconds_per_step(len(durations)))
+            t.state["step"], t.state["seconds"] = len(durations), sum(durations)
+            Trainer._decide_total(t, durations)  # type: ignore[arg-type]
+            decided.append(t.state["total"])
+        return decided
+
     t = trainer(None)
-    durations: list[float] = []
-    for i in range(60):
-        durations.append(0.5 if i < 20 else 0.25)  # the first 20 steps twice as slow
-        t.state["step"], t.state["seconds"] = i + 1, sum(durations)
-        Trainer._decide_total(t, durations)  # type: ignore[arg-type]
-        if i + 1 == 10:
-            assert t.state["total"] == 10 + int((100 - 5.0) / 0.5)  # 200 from the slow start
-        if i + 1 == 50:  # 0.25 s per step from here: the budget's end, not the first guess
-            assert t.state["total"] == 50 + int((100 - 17.5) / 0.25) and t.state["total_refined"]
-    assert t.state["total"] == 380  # decided twice, not again later
+    decided = run(t, lambda i: 0.5 if i < 60 else 0.25)  # the first 60 steps twice as slow
+    assert decided[9] == 10 + int((100 - 5.0) / 0.5)  # 200 from the slow start
+    assert decided[-1] > decided[9] and 99.0 <= t.state["seconds"] <= 100.0  # the budget used, not 2/3 of it
+    late = trainer(None)
+    decided = run(late, lambda i: 0.25 if i < 300 else 0.5)  # slower only in the last quarter
+    assert decided[-1] == decided[299] and late.state["seconds"] > 100.0  # not decided again that late
 
     fixed = trainer(25)
     for i in range(60):

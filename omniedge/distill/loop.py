@@ -30,6 +30,7 @@ from omniedge.distill.settings import DistillSettings
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
+REFINE_UNTIL = 0.75  # share of the decided steps after which a --time-budget's step count stays
 
 
 def lr_at(step: int, total: int, s: DistillSettings) -> float:
@@ -208,26 +209,31 @@ class Trainer:
 
     def _decide_total(self, durations: list[float]) -> None:
         """--time-budget: once 10 steps of this process are timed, fix the step count from their median
-        after the first two, then once more at 50 from the median of the last 20 (data workers and kernels
-        warm up over the first tens of steps: on the H200 the first estimate was 493 ms per step where the
-        run went on at ~330, and 30% of the budget went unused). The main process decides for all; the count
-        goes into the checkpoint, so a resumed run keeps it."""
+        after the first two; then decide it again every 50 steps from the median of the last 50 until
+        REFINE_UNTIL of the decided steps are done. The data workers and kernels warm up over the first
+        hundred or so steps: on the H200 a count decided once at step 50 (~405 ms a step, where the run went on at
+        ~260) left 130 s of a 400 s budget unused. The learning-rate schedule follows the count it is
+        given, so it only moves while most of the run is ahead. The main process decides for all; the count
+        goes into the checkpoint, so a resumed run starts from it."""
+        if self.s.steps is not None:
+            return
         n = len(durations)
         first = self.state["total"] is None and n == 10
-        second = self.s.steps is None and n == 50 and not self.state.get("total_refined")
-        if not (first or second):
+        total = self.state["total"]  # the same in every process, so all of them decide at the same steps
+        again = total is not None and n % 50 == 0 and n >= 50 and self.state["step"] < REFINE_UNTIL * total
+        if not (first or again):
             return
         from accelerate.utils import broadcast_object_list
 
-        recent = sorted(durations[2:] if first else durations[-20:])
+        recent = sorted(durations[2:] if first else durations[-50:])
         per_step = float(recent[len(recent) // 2])
         left = self.s.time_budget_s - self.state["seconds"]
         decided = [self.state["step"] + max(1, int(left / per_step))]
         if self.acc.num_processes > 1:
             broadcast_object_list(decided, from_process=0)
+        changed = decided[0] != self.state["total"]
         self.state["total"] = decided[0]
-        self.state["total_refined"] = second
-        if self.acc.is_main_process and self.progress:
+        if changed and self.acc.is_main_process and self.progress:
             print(
                 f"\n{per_step * 1000:.0f} ms/step -> {decided[0]} steps in {self.s.time_budget_s:.0f} s",
                 flush=True,
