@@ -1,0 +1,292 @@
+"""The fused INT4 MoE decode kernels (kernels/moe_int4/) on a GPU: exact against a float32 reference first,
+then timed at the thinker's shape against the copy-bandwidth roofline and, where onnxruntime-gpu is
+installed, against ONNX Runtime's QMoE on the same weights in the same process (issue 12).
+
+    python3 bench/h200/moe_kernel_probe.py --json OUT.json [--layers 48] [--no-ort]
+
+Builds the library with nvcc (sm_90 and sm_87) into a temporary folder unless --lib names one. Weights are
+random codes and scales in omniedge's INT4 layout, one set per layer (so no layer's experts sit in L2 when
+the next runs); each layer's router logits are random and fixed, and layer l's output is layer l+1's input,
+as in the model. Both contenders run as one CUDA graph of all layers, replayed back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "kernels" / "moe_int4" / "moe_int4_decode.cu"
+SHAPE = {"E": 64, "k": 8, "H": 2048, "I": 768, "group": 128}  # the thinker at 64 of 128 experts
+
+
+def build(out_dir: Path) -> Path:
+    lib = out_dir / "libomniedge_moe_int4.so"
+    arch = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_87,code=sm_87"]
+    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *arch, "-o", str(lib), str(SOURCE)]
+    subprocess.run(cmd, check=True)
+    return lib
+
+
+class FusedMoE:
+    """ctypes binding of omniedge_moe_int4_decode on torch's current stream."""
+
+    def __init__(self, lib: Path) -> None:
+        self.lib = ctypes.CDLL(str(lib))
+        self.lib.omniedge_moe_int4_decode.restype = ctypes.c_int
+        self.lib.omniedge_moe_int4_decode.argtypes = (
+            [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+        )
+        self.lib.omniedge_moe_int4_scratch_bytes.restype = ctypes.c_size_t
+        self.lib.omniedge_moe_int4_scratch_bytes.argtypes = [ctypes.c_int] * 3
+
+    def scratch(self, m: int, k: int, inter: int) -> torch.Tensor:
+        n = self.lib.omniedge_moe_int4_scratch_bytes(m, k, inter)
+        return torch.empty(n, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, x: torch.Tensor, logits: torch.Tensor, w: dict[str, torch.Tensor], out: torch.Tensor,
+                 scratch: torch.Tensor, k: int, group: int) -> None:  # fmt: skip
+        m, h = x.shape
+        e, two_i = w["fc1"].shape[:2]
+        rc = self.lib.omniedge_moe_int4_decode(
+            x.data_ptr(), logits.data_ptr(), w["fc1"].data_ptr(), w["fc1_scales"].data_ptr(),
+            w["fc2"].data_ptr(), w["fc2_scales"].data_ptr(), out.data_ptr(), scratch.data_ptr(),
+            m, e, k, h, two_i // 2, group, torch.cuda.current_stream().cuda_stream,
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"omniedge_moe_int4_decode returned {rc}")
+
+
+def random_layer(e: int, h: int, inter: int, group: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """QMoE's tensors: fc1 [E, 2I, H/2] (gate j, up j interleaved), fc2 [E, H, I/2], float16 scales."""
+
+    def codes(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=gen)
+
+    def scales(*shape: int) -> torch.Tensor:
+        fan_in = shape[-1] * group
+        return (torch.rand(shape, device="cuda", generator=gen) + 0.5).div(4 * math.sqrt(fan_in)).half()
+
+    return {
+        "fc1": codes(e, 2 * inter, h // 2),
+        "fc1_scales": scales(e, 2 * inter, h // group),
+        "fc2": codes(e, h, inter // 2),
+        "fc2_scales": scales(e, h, inter // group),
+    }
+
+
+def reference(
+    x: torch.Tensor, logits: torch.Tensor, w: dict[str, torch.Tensor], k: int, group: int
+) -> torch.Tensor:
+    """float32: omniedge.int4.dequantize of the chosen experts; top-k logits, softmax over them; SwiGLU."""
+    from omniedge.int4 import dequantize
+
+    def weight(packed: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        n, half_k = packed.shape
+        return dequantize(packed.view(n, -1, group // 2), sc.float(), 2 * half_k)
+
+    top, ids = logits.float().topk(k, dim=-1)
+    gates = top.softmax(dim=-1)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for m in range(x.shape[0]):
+        for s in range(k):
+            e = int(ids[m, s])
+            gu = weight(w["fc1"][e], w["fc1_scales"][e]) @ x[m].float()
+            act = torch.nn.functional.silu(gu[0::2]) * gu[1::2]
+            out[m] += gates[m, s] * (weight(w["fc2"][e], w["fc2_scales"][e]) @ act)
+    return out
+
+
+def check(fused: FusedMoE, shapes: list[dict[str, int]], gen: torch.Generator) -> list[dict[str, Any]]:
+    rows = []
+    for sh in shapes:
+        w = random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen)
+        for m in (1, 3):
+            x = torch.randn(m, sh["H"], device="cuda", generator=gen).half()
+            logits = torch.randn(m, sh["E"], device="cuda", generator=gen).half()
+            out = torch.empty_like(x)
+            fused(x, logits, w, out, fused.scratch(m, sh["k"], sh["I"]), sh["k"], sh["group"])
+            ref = reference(x, logits, w, sh["k"], sh["group"])
+            err = float((out.float() - ref).abs().max() / ref.abs().max())
+            rows.append({**sh, "M": m, "max_error_over_max": err, "ok": err < 5e-3})
+            print(f"check {sh} M={m}: max error / max {err:.2e}", flush=True)
+    return rows
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """GPU time: median over 7 batches of `reps` back-to-back replays (CUDA events), ms per replay."""
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return sorted(times)[3]
+
+
+def host_ms(step: Any, reps: int = 200) -> float:
+    """Wall time of one step and a wait for the GPU, as a runtime sees it: median of 7 batches of `reps`."""
+    step()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        times.append((time.perf_counter() - t0) / reps * 1000)
+    return sorted(times)[3]
+
+
+def copy_bandwidth_gb_s() -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dst.copy_(src)
+    return 2 * src.numel() / replay_ms(g, 10) / 1e6
+
+
+def active_bytes(sh: dict[str, int]) -> int:
+    """Bytes a token reads per layer: k experts' fc1 and fc2 codes and scales."""
+    e_bytes = 2 * sh["I"] * sh["H"] // 2 + sh["H"] * sh["I"] // 2
+    scale_bytes = 2 * (2 * sh["I"] * sh["H"] // sh["group"] + sh["H"] * sh["I"] // sh["group"])
+    return sh["k"] * (e_bytes + scale_bytes)
+
+
+def time_fused(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
+               x0: torch.Tensor, sh: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    xs = [x0] + [torch.empty_like(x0) for _ in layers]
+    scratch = fused.scratch(1, sh["k"], sh["I"])
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for i, w in enumerate(layers):  # warm-up outside the capture (sets the kernels' attributes)
+            fused(xs[i], logits[i], w, xs[i + 1], scratch, sh["k"], sh["group"])
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i, w in enumerate(layers):
+            fused(xs[i], logits[i], w, xs[i + 1], scratch, sh["k"], sh["group"])
+
+    def step() -> None:
+        g.replay()
+        torch.cuda.synchronize()
+
+    return {"gpu_ms_per_step": replay_ms(g, 200), "host_ms_per_step": host_ms(step)}
+
+
+def time_qmoe(layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor], x0: torch.Tensor,
+              sh: dict[str, int], work: Path) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """The same chain as one ONNX graph of QMoE nodes (the exporter's attributes), CUDA graph on."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, inputs = [], [], [helper.make_tensor_value_info("x0", TensorProto.FLOAT16, [1, sh["H"]])]
+    for i, w in enumerate(layers):
+        inputs.append(helper.make_tensor_value_info(f"logits{i}", TensorProto.FLOAT16, [1, sh["E"]]))
+        for name in ("fc1", "fc1_scales", "fc2", "fc2_scales"):
+            inits.append(numpy_helper.from_array(w[name].cpu().numpy(), f"l{i}.{name}"))
+        nodes.append(helper.make_node(
+            "QMoE", [f"x{i}", f"logits{i}", f"l{i}.fc1", f"l{i}.fc1_scales", "", f"l{i}.fc2", f"l{i}.fc2_scales"],
+            [f"x{i + 1}"], domain="com.microsoft", k=sh["k"], activation_type="swiglu", swiglu_fusion=1,
+            activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4,
+            weights_prepacked=0, block_size=sh["group"],
+        ))  # fmt: skip
+    outs = [
+        helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT16, [1, sh["H"]]) for i in (len(layers), 1)
+    ]
+    graph = helper.make_graph(nodes, "qmoe_chain", inputs, outs, inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    path = work / "qmoe_chain.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="qmoe_chain.data")
+    opts = ort.SessionOptions()
+    sess = ort.InferenceSession(
+        str(path), opts, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+    )
+    binding = sess.io_binding()
+    feeds = {"x0": x0, **{f"logits{i}": lg for i, lg in enumerate(logits)}}
+    dev = {n: ort.OrtValue.ortvalue_from_numpy(t.cpu().numpy(), "cuda", 0) for n, t in feeds.items()}
+    last, first = (
+        ort.OrtValue.ortvalue_from_shape_and_type([1, sh["H"]], np.float16, "cuda", 0) for _ in range(2)
+    )
+    for n, v in dev.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_ortvalue_output(f"x{len(layers)}", last)
+    binding.bind_ortvalue_output("x1", first)
+    for _ in range(3):  # the first runs capture the CUDA graph
+        sess.run_with_iobinding(binding)
+    return host_ms(lambda: sess.run_with_iobinding(binding)), torch.from_numpy(first.numpy()).cuda()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--lib", type=Path, help="a built libomniedge_moe_int4.so (default: build with nvcc)")
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's QMoE")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="moe_probe_"))
+    fused = FusedMoE(args.lib or build(work))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "gpu": torch.cuda.get_device_name(),
+        "shape": SHAPE,
+    }
+    odd = {"E": 40, "k": 6, "H": 1056, "I": 352, "group": 32}  # 33 chunks of H: lane 0 takes two
+    report["checks"] = check(fused, [SHAPE, odd], gen)
+    if not all(r["ok"] for r in report["checks"]):
+        args.json.write_text(json.dumps(report, indent=1))
+        raise SystemExit("the fused kernels disagree with the float32 reference")
+    sh = SHAPE
+    layers = [random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen) for _ in range(args.layers)]
+    logits = [torch.randn(1, sh["E"], device="cuda", generator=gen).half() for _ in layers]
+    x0 = torch.randn(1, sh["H"], device="cuda", generator=gen).half()
+    bw = copy_bandwidth_gb_s()
+    per_layer = active_bytes(sh)
+    t = time_fused(fused, layers, logits, x0, sh)
+    step_mb = len(layers) * per_layer / 1e6  # GB/s = MB per step / ms per step
+    report["copy_bandwidth_gb_s"] = bw
+    report["active_bytes_per_layer"] = per_layer
+    report["fused"] = {**t, "us_per_layer_gpu": 1000 * t["gpu_ms_per_step"] / len(layers),
+                       "gb_s_gpu": step_mb / t["gpu_ms_per_step"], "of_copy_bandwidth": step_mb / t["gpu_ms_per_step"] / bw}  # fmt: skip
+    print(f"fused: {report['fused']}", flush=True)
+    if not args.no_ort:
+        y0 = torch.empty_like(x0)
+        fused(x0, logits[0], layers[0], y0, fused.scratch(1, sh["k"], sh["I"]), sh["k"], sh["group"])
+        ref0 = reference(x0, logits[0], layers[0], sh["k"], sh["group"])
+        try:
+            qms, q0 = time_qmoe(layers, logits, x0, sh, work)
+        except ImportError as e:
+            report["qmoe"] = {"skipped": str(e)}
+        else:
+            scale = float(ref0.abs().max())
+            report["qmoe"] = {
+                "host_ms_per_step": qms,
+                "fused_host_speedup": qms / t["host_ms_per_step"],
+                "layer0_error_over_max": {"qmoe": float((q0.float() - ref0).abs().max()) / scale,
+                                          "fused": float((y0.float() - ref0).abs().max()) / scale},
+            }  # fmt: skip
+        print(f"qmoe: {report['qmoe']}", flush=True)
+    args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

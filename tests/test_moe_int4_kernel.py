@@ -1,0 +1,52 @@
+"""The fused INT4 MoE decode kernels (kernels/moe_int4/) on a CUDA GPU: built with nvcc, every output within
+float16 rounding of a float32 reference (omniedge.int4.dequantize, QMoE's routing, SwiGLU) at the thinker's
+shape and at widths that are not powers of two, for one token and for three; shapes the kernels do not take
+are refused without a launch. Run on the device machine: `python3 -m pytest -q -m gpu tests/test_moe_int4_kernel.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or shutil.which("nvcc") is None:
+        pytest.skip("needs a CUDA GPU and nvcc")
+    path = Path(__file__).resolve().parents[1] / "bench" / "h200" / "moe_kernel_probe.py"
+    spec = importlib.util.spec_from_file_location("moe_kernel_probe", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.fused = mod.FusedMoE(mod.build(tmp_path_factory.mktemp("moe_int4")))
+    return mod
+
+
+def test_fused_moe_matches_the_float32_reference(probe: Any) -> None:
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    odd = {"E": 40, "k": 6, "H": 1056, "I": 352, "group": 32}
+    rows = probe.check(probe.fused, [probe.SHAPE, odd], gen)
+    assert len(rows) == 4 and all(r["max_error_over_max"] < 5e-3 for r in rows), rows
+
+
+def test_shapes_the_kernels_do_not_take_are_refused(probe: Any) -> None:
+    import torch
+
+    sh = dict(probe.SHAPE)
+    w = probe.random_layer(sh["E"], sh["H"], sh["I"], sh["group"], torch.Generator(device="cuda"))
+    x = torch.zeros(1, sh["H"], dtype=torch.float16, device="cuda")
+    logits = torch.zeros(1, sh["E"], dtype=torch.float16, device="cuda")
+    scratch = probe.fused.scratch(1, sh["k"], sh["I"])
+    with pytest.raises(RuntimeError, match="returned 1"):
+        probe.fused(x, logits, w, torch.empty_like(x), scratch, sh["E"] + 1, sh["group"])  # k > E
+    with pytest.raises(RuntimeError, match="returned 1"):
+        probe.fused(x, logits, w, torch.empty_like(x), scratch, sh["k"], 48)  # group not dividing H
