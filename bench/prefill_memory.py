@@ -235,7 +235,9 @@ def curve(bundle: Path, lengths: list[int], revisit: list[int], steps: int, prov
     m = load_manifest(bundle)
     comp = m.components["thinker"]
     start = process_gpu_bytes() or 0
-    backend = OrtBackend("thinker", comp.onnx, providers=providers, cuda_graph=True)
+    backend = OrtBackend(
+        "thinker", comp.onnx, providers=providers, cuda_graph=True, custom_ops=m.thinker.custom_ops
+    )
     backend.load()
     loaded = process_gpu_bytes()
     ctx = max(lengths + revisit) + steps + 8

@@ -50,7 +50,9 @@ def probe(
     used0 = gpu_used_bytes()
     m = load_manifest(bundle)
     comp = m.components["thinker"]
-    backend = OrtBackend("thinker", comp.onnx, providers=providers, cuda_graph=cuda_graph)
+    backend = OrtBackend(
+        "thinker", comp.onnx, providers=providers, cuda_graph=cuda_graph, custom_ops=m.thinker.custom_ops
+    )
     t0 = time.perf_counter()
     backend.load()
     load_s = time.perf_counter() - t0

@@ -41,6 +41,7 @@ def _profile(
         m.components["thinker"].onnx,
         providers=providers,
         profile_prefix=str(out_dir / "ort_profile"),
+        custom_ops=m.thinker.custom_ops,
     )
     runner = make_thinker(m, backend, max_context=context + steps + 8)
     table = load_embed(m)

@@ -17,6 +17,7 @@ from typing import Any
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.checkpoint import check_checkpoint_dir, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
+from omniedge.export.thinker_spec import MOE_INT4_LIBRARY, MOE_KERNELS
 from omniedge.outputs import BUNDLE, check_replaceable
 
 SCHEMA_VERSION = 2  # must equal omniedge.runtime.manifest.SCHEMA_VERSION
@@ -171,6 +172,7 @@ def export_bundle(
     device: str = "cpu",
     fused_qk_norm: bool | None = None,
     progress: bool = True,
+    moe_kernel: str = "qmoe",
 ) -> Path:
     """Export `checkpoint` (an HF directory) to the engine bundle `out`; returns `out`.
 
@@ -200,6 +202,13 @@ def export_bundle(
         raise OmniedgeError(f"unknown thinker flavour {flavour!r}", f"use one of {', '.join(FLAVOURS)}")
     if device not in DEVICES:
         raise OmniedgeError(f"unknown export device {device!r}", f"use one of {', '.join(DEVICES)}")
+    if moe_kernel not in MOE_KERNELS:
+        raise OmniedgeError(f"unknown MoE kernel {moe_kernel!r}", f"use one of {', '.join(MOE_KERNELS)}")
+    if moe_kernel != "qmoe" and flavour != "ort":
+        raise OmniedgeError(
+            f"--moe-kernel {moe_kernel} is an ort-flavour graph",
+            "export with --flavour ort, or --moe-kernel qmoe",
+        )
     if fused_qk_norm is None:
         fused_qk_norm = flavour == "ort" and device == "cuda"
     if fused_qk_norm and (device != "cuda" or flavour != "ort"):
@@ -246,7 +255,7 @@ def export_bundle(
 
         def thinker(p: Path) -> None:
             if flavour == "ort":
-                opts = Options(dtype=dtype, fused_qk_norm=fused_qk_norm)
+                opts = Options(dtype=dtype, fused_qk_norm=fused_qk_norm, moe_kernel=moe_kernel)
                 cost.update(export_thinker_ort(source, raw_config, p, num_deepstack, opts, progress=progress))
             else:
                 thinker_float.extend(_export_portable_thinker(checkpoint, p, table))
@@ -290,6 +299,8 @@ def export_bundle(
                 **_thinker_graph(flavour, dtype, config, ["CUDAExecutionProvider"] if fused_qk_norm else []),
                 "decode_cost": cost or None,
                 "fused_qk_norm": fused_qk_norm,
+                "moe_kernel": moe_kernel,
+                "custom_ops": [MOE_INT4_LIBRARY] if moe_kernel == "omniedge" else [],
             },
             "components": components,
         }
@@ -334,13 +345,20 @@ def export_cli(
     flavour: str = "ort",
     device: str = "cpu",
     fused_qk_norm: bool | None = None,
+    moe_kernel: str = "qmoe",
 ) -> None:
     """What `omniedge export` runs: resolve a name like `tiny`, export, print where the bundle went."""
     from omniedge.models.registry import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     bundle = export_bundle(
-        path, Path(out), image_size=image_size, flavour=flavour, device=device, fused_qk_norm=fused_qk_norm
+        path,
+        Path(out),
+        image_size=image_size,
+        flavour=flavour,
+        device=device,
+        fused_qk_norm=fused_qk_norm,
+        moe_kernel=moe_kernel,
     )
     size = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file())
     run = json.loads((bundle / MANIFEST).read_text())["builder"]["export"]

@@ -27,7 +27,14 @@ import numpy as np
 from omniedge.errors import OmniedgeError
 from omniedge.export.onnx_builder import MS_DOMAIN, GraphBuilder
 from omniedge.export.ort_weights import Weights, qmoe_weight
-from omniedge.export.thinker_spec import Options, TextConfig, decode_cost, io_contract
+from omniedge.export.thinker_spec import (
+    MOE_INT4_OP,
+    OMNIEDGE_DOMAIN,
+    Options,
+    TextConfig,
+    decode_cost,
+    io_contract,
+)
 from omniedge.weights import TensorSource, fused_experts, layer_prefix
 
 
@@ -153,6 +160,11 @@ class ThinkerBuilder:
         gate_up = self.w.packed(f"{p}experts.gate_up_proj", h)
         down = self.w.packed(f"{p}experts.down_proj", inter)
         if gate_up is None or down is None:  # float experts: the MoE op, same routing and layout
+            if self.opts.moe_kernel == "omniedge":
+                raise OmniedgeError(
+                    f"layer {i}: the omniedge MoE kernel takes INT4 experts; this checkpoint's are float",
+                    "export with --moe-kernel qmoe, or compress with an INT4 quantize stage first",
+                )
             fused = fused_experts(self.w.source, i)
             if fused is None:
                 raise OmniedgeError(
@@ -187,6 +199,10 @@ class ThinkerBuilder:
                 f"QMoE needs both expert widths ({h}, {inter}) to be multiples of the group {g}, or both <= it",
                 "export --flavour portable",
             )
+        if self.opts.moe_kernel == "omniedge":
+            return self.reshape(
+                self._moe_int4(i, x2, logits, fc1, s1, fc2, s2, blocked1 and blocked2), [1, -1, h]
+            )
         attrs["expert_weight_bits"] = 4
         # raw [E, N, K/2] initializers: the CUDA provider lays them out for its kernels at load (PrePack); its
         # default (-1) means "already in the CUDA layout", which silently computes garbage on raw weights
@@ -210,6 +226,22 @@ class ThinkerBuilder:
             **attrs,
         )
         return self.reshape(y, [1, -1, h])
+
+    def _moe_int4(
+        self, i: int, x2: str, logits: str, fc1: Any, s1: Any, fc2: Any, s2: Any, blocked: bool
+    ) -> str:
+        """omniedge's fused MoE op (kernels/moe_int4/moe_int4_op.cc) on QMoE's tensors: symmetric, blocked."""
+        if not self.w.symmetric or not blocked:
+            raise OmniedgeError(
+                f"layer {i}: the omniedge MoE kernel takes symmetric INT4 experts whose widths are multiples of the "
+                f"group {self.w.group}",
+                "export with --moe-kernel qmoe, or quantize with symmetric: true and a group dividing the widths",
+            )
+        ins = [x2, logits, self.b.const(f"l{i}.fc1", fc1), self.b.const(f"l{i}.fc1_scales", s1)]
+        ins += [self.b.const(f"l{i}.fc2", fc2), self.b.const(f"l{i}.fc2_scales", s2)]
+        return self.b.op(
+            MOE_INT4_OP, ins, domain=OMNIEDGE_DOMAIN, name=f"l{i}.moe", k=self.cfg.top_k, group=self.w.group
+        )
 
     def _check_experts(self, i: int, fc1: tuple[int, ...], fc2: tuple[int, ...]) -> None:
         c, e = self.cfg, self.cfg.experts_of(i)

@@ -77,13 +77,21 @@ class TextConfig:
             ) from e
 
 
+MOE_KERNELS = ("qmoe", "omniedge")
+OMNIEDGE_DOMAIN = "ai.omniedge"  # custom ops of kernels/ (a library the runtime registers)
+MOE_INT4_OP = "MoEInt4"
+MOE_INT4_LIBRARY = "omniedge_moe_int4"  # the library's name in a manifest's thinker_graph.custom_ops
+
+
 @dataclass
 class Options:
     """How to build: activation dtype (float16 on GPU: ONNX Runtime's CUDA attention has no float32),
-    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level."""
+    q/k RMSNorm fused into GroupQueryAttention (CUDA only) or separate, MatMulNBits accuracy level, the MoE
+    kernel (ONNX Runtime's QMoE, or omniedge's fused INT4 op)."""
 
     dtype: str = "float32"
     fused_qk_norm: bool = False
+    moe_kernel: str = "qmoe"  # "omniedge": the MoE as MOE_INT4_OP, needs the custom-op library at run time
     accuracy_level: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

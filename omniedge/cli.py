@@ -107,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         "--device cuda: q, k, v stay one packed tensor, 97 fewer kernels per token); separate = their own nodes "
         "(the only choice for --device cpu)",
     )
+    e.add_argument(
+        "--moe-kernel",
+        choices=("qmoe", "omniedge"),
+        default="qmoe",
+        help="ort thinker's INT4 MoE layers: qmoe = ONNX Runtime's QMoE (default); omniedge = omniedge's fused "
+        "op (the runtime then needs its library: kernels/moe_int4/README.md)",
+    )
 
     b = cmd("build", "Build TensorRT engines from a bundle's ONNX graphs (run on the target GPU).")
     b.add_argument("bundle", type=Path, help="engine bundle directory (from `omniedge export`)")
@@ -253,6 +260,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             flavour=args.flavour,
             device=args.device,
             fused_qk_norm=None if args.qk_norm is None else args.qk_norm == "fused",
+            moe_kernel=args.moe_kernel,
         )
     elif args.command == "build":
         from omniedge.export.trt_build import build_cli

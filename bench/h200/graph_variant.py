@@ -1,5 +1,6 @@
 """A variant of an exported thinker graph over the same weights file, and its logits against the bundle's on
-one prompt: `python bench/h200/graph_variant.py CHECKPOINT BUNDLE OUT_BUNDLE [--qk-norm fused]`.
+one prompt: `python bench/h200/graph_variant.py CHECKPOINT BUNDLE OUT_BUNDLE [--qk-norm fused] [--moe-kernel omniedge]`
+(the omniedge MoE kernel needs its library where the runtime looks: kernels/moe_int4/README.md).
 
 Every file but the graph and the manifest is hard-linked (the `.data` is the same bytes); the new graph is
 written with `export_thinker_ort(..., data_of=...)`, the manifest records the options. The check: a random
@@ -18,6 +19,7 @@ import numpy as np
 
 from omniedge.export.onnx_io import component_record
 from omniedge.export.thinker_ort import Options, export_thinker_ort
+from omniedge.export.thinker_spec import MOE_INT4_LIBRARY
 from omniedge.runtime.app import Omni
 from omniedge.weights import SafetensorsDir
 
@@ -32,7 +34,8 @@ def make_variant(src: Path, a: Path, b: Path, opts: Options) -> None:
     nd = m["text"]["num_deepstack"]
     export_thinker_ort(SafetensorsDir(src), cfg, b / "thinker.onnx", nd, opts, False, a / "thinker.onnx")
     m["components"]["thinker"] = component_record(b / "thinker.onnx", b)
-    m["thinker_graph"].update(fused_qk_norm=opts.fused_qk_norm)
+    m["thinker_graph"].update(fused_qk_norm=opts.fused_qk_norm, moe_kernel=opts.moe_kernel)
+    m["thinker_graph"]["custom_ops"] = [MOE_INT4_LIBRARY] if opts.moe_kernel == "omniedge" else []
     if opts.fused_qk_norm:
         m["thinker_graph"]["providers"] = ["CUDAExecutionProvider"]
     (b / "manifest.json").write_text(json.dumps(m))
@@ -68,15 +71,21 @@ def main() -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--qk-norm", choices=["fused", "separate"], default=None, help="default: as the bundle's")
+    p.add_argument(
+        "--moe-kernel", choices=["qmoe", "omniedge"], default=None, help="default: as the bundle's"
+    )
     p.add_argument("--providers", default="cuda")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     tg = json.loads((a.bundle / "manifest.json").read_text())["thinker_graph"]
     fused = tg.get("fused_qk_norm", False) if a.qk_norm is None else a.qk_norm == "fused"
-    make_variant(a.checkpoint, a.bundle, a.out, Options(dtype=tg["dtype"], fused_qk_norm=fused))
+    moe = a.moe_kernel or tg.get("moe_kernel", "qmoe")
+    make_variant(
+        a.checkpoint, a.bundle, a.out, Options(dtype=tg["dtype"], fused_qk_norm=fused, moe_kernel=moe)
+    )
     report = compare(a.bundle, a.out, a.providers)
     if a.json:
-        a.json.write_text(json.dumps({"fused_qk_norm": fused, **report}, indent=1))
+        a.json.write_text(json.dumps({"fused_qk_norm": fused, "moe_kernel": moe, **report}, indent=1))
 
 
 if __name__ == "__main__":

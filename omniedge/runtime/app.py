@@ -136,6 +136,7 @@ class Omni:
                 providers=providers,
                 cuda_graph=cuda_graph and name == "thinker",
                 cpu_arena=memory_budget is None,
+                custom_ops=m.thinker.custom_ops if name == "thinker" else (),
             )
         if memory_budget is not None:
             from omniedge.runtime.budget import load_with_budget

@@ -124,8 +124,10 @@ class OrtBackend:
         cuda_graph: bool = False,
         profile_prefix: str | None = None,
         cpu_arena: bool = True,
+        custom_ops: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.custom_ops = tuple(custom_ops)  # custom-op library names the graph needs (runtime/custom_ops.py)
         self.path = Path(onnx_path)
         self.providers = resolve_providers(providers)
         self.intra_op_threads = intra_op_threads
@@ -159,6 +161,11 @@ class OrtBackend:
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         opts.enable_cpu_mem_arena = self.cpu_arena
+        if self.custom_ops:
+            from omniedge.runtime.custom_ops import library_paths
+
+            for lib in library_paths(self.custom_ops):
+                opts.register_custom_ops_library(str(lib))
         if "CUDAExecutionProvider" in self.providers:
             from omniedge.runtime import ort_cuda
 

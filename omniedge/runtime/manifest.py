@@ -63,6 +63,7 @@ class ThinkerGraphSpec:
     rope_axis: tuple[int, ...]
     rope_scaling: float
     providers: tuple[str, ...]  # execution providers the graph needs (empty: any)
+    custom_ops: tuple[str, ...] = ()  # custom-op libraries the graph needs (runtime/custom_ops.py)
 
     @property
     def input_dtype(self) -> str:
@@ -269,6 +270,7 @@ def _thinker_graph(raw: dict[str, Any], root: Path, text: TextSpec) -> ThinkerGr
         rope_axis=axis,
         rope_scaling=float(rope.get("scaling", 1.0)),
         providers=tuple(str(p) for p in g.get("providers", [])),
+        custom_ops=tuple(str(p) for p in g.get("custom_ops", [])),
     )
 
 
