@@ -26,45 +26,51 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "kernels" / "moe_int4" / "moe_int4_decode.cu"
+SOURCES = [ROOT / "kernels" / "moe_int4" / f"moe_int4_{n}.cu" for n in ("decode", "prefill", "forward")]
 SHAPE = {"E": 64, "k": 8, "H": 2048, "I": 768, "group": 128}  # the thinker at 64 of 128 experts
+PREFILL = 512  # tokens of the timed prefill
 
 
 def build(out_dir: Path) -> Path:
-    lib = out_dir / "libomniedge_moe_int4.so"
+    lib = out_dir / "libomniedge_moe_int4_kernels.so"
     arch = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_87,code=sm_87"]
-    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *arch, "-o", str(lib), str(SOURCE)]
-    subprocess.run(cmd, check=True)
+    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *arch, "-o", str(lib)]
+    subprocess.run([*cmd, *map(str, SOURCES)], check=True)
     return lib
 
 
 class FusedMoE:
-    """ctypes binding of omniedge_moe_int4_decode on torch's current stream."""
+    """ctypes binding of omniedge_moe_int4_forward (decode or prefill kernels by token count) on torch's
+    current stream, with its scratch kept per shape."""
 
     def __init__(self, lib: Path) -> None:
         self.lib = ctypes.CDLL(str(lib))
-        self.lib.omniedge_moe_int4_decode.restype = ctypes.c_int
-        self.lib.omniedge_moe_int4_decode.argtypes = (
+        self.lib.omniedge_moe_int4_forward.restype = ctypes.c_int
+        self.lib.omniedge_moe_int4_forward.argtypes = (
             [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
         )
-        self.lib.omniedge_moe_int4_scratch_bytes.restype = ctypes.c_size_t
-        self.lib.omniedge_moe_int4_scratch_bytes.argtypes = [ctypes.c_int] * 3
+        self.lib.omniedge_moe_int4_forward_scratch_bytes.restype = ctypes.c_size_t
+        self.lib.omniedge_moe_int4_forward_scratch_bytes.argtypes = [ctypes.c_int] * 6
+        self._scratch: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def scratch(self, m: int, k: int, inter: int) -> torch.Tensor:
-        n = self.lib.omniedge_moe_int4_scratch_bytes(m, k, inter)
-        return torch.empty(n, dtype=torch.uint8, device="cuda")
+    def scratch(self, *shape: int) -> torch.Tensor:
+        if shape not in self._scratch:
+            n = self.lib.omniedge_moe_int4_forward_scratch_bytes(*shape)
+            self._scratch[shape] = torch.empty(n, dtype=torch.uint8, device="cuda")
+        return self._scratch[shape]
 
     def __call__(self, x: torch.Tensor, logits: torch.Tensor, w: dict[str, torch.Tensor], out: torch.Tensor,
-                 scratch: torch.Tensor, k: int, group: int) -> None:  # fmt: skip
+                 k: int, group: int) -> None:  # fmt: skip
         m, h = x.shape
         e, two_i = w["fc1"].shape[:2]
-        rc = self.lib.omniedge_moe_int4_decode(
+        shape = (m, e, k, h, two_i // 2, group)
+        rc = self.lib.omniedge_moe_int4_forward(
             x.data_ptr(), logits.data_ptr(), w["fc1"].data_ptr(), w["fc1_scales"].data_ptr(),
-            w["fc2"].data_ptr(), w["fc2_scales"].data_ptr(), out.data_ptr(), scratch.data_ptr(),
-            m, e, k, h, two_i // 2, group, torch.cuda.current_stream().cuda_stream,
+            w["fc2"].data_ptr(), w["fc2_scales"].data_ptr(), out.data_ptr(), self.scratch(*shape).data_ptr(),
+            *shape, torch.cuda.current_stream().cuda_stream,
         )  # fmt: skip
         if rc:
-            raise RuntimeError(f"omniedge_moe_int4_decode returned {rc}")
+            raise RuntimeError(f"omniedge_moe_int4_forward returned {rc}")
 
 
 def random_layer(e: int, h: int, inter: int, group: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -107,15 +113,16 @@ def reference(
     return out
 
 
-def check(fused: FusedMoE, shapes: list[dict[str, int]], gen: torch.Generator) -> list[dict[str, Any]]:
+def check(fused: FusedMoE, cases: list[tuple[dict[str, int], tuple[int, ...]]], gen: torch.Generator) -> list[dict[str, Any]]:  # fmt: skip
+    """Each shape at each token count against the float32 reference (from 16 tokens the prefill kernels)."""
     rows = []
-    for sh in shapes:
+    for sh, counts in cases:
         w = random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen)
-        for m in (1, 3):
+        for m in counts:
             x = torch.randn(m, sh["H"], device="cuda", generator=gen).half()
             logits = torch.randn(m, sh["E"], device="cuda", generator=gen).half()
             out = torch.empty_like(x)
-            fused(x, logits, w, out, fused.scratch(m, sh["k"], sh["I"]), sh["k"], sh["group"])
+            fused(x, logits, w, out, sh["k"], sh["group"])
             ref = reference(x, logits, w, sh["k"], sh["group"])
             err = float((out.float() - ref).abs().max() / ref.abs().max())
             rows.append({**sh, "M": m, "max_error_over_max": err, "ok": err < 5e-3})
@@ -167,19 +174,24 @@ def active_bytes(sh: dict[str, int]) -> int:
     return sh["k"] * (e_bytes + scale_bytes)
 
 
-def time_fused(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
-               x0: torch.Tensor, sh: dict[str, int]) -> dict[str, float]:  # fmt: skip
+def chain(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor], xs: list[torch.Tensor],
+          sh: dict[str, int]) -> None:  # fmt: skip
+    """Layer l's output is layer l+1's input, as in the model (xs: one buffer more than layers)."""
+    for i, w in enumerate(layers):
+        fused(xs[i], logits[i], w, xs[i + 1], sh["k"], sh["group"])
+
+
+def time_decode(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
+                x0: torch.Tensor, sh: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    """One token through every layer, captured as one CUDA graph."""
     xs = [x0] + [torch.empty_like(x0) for _ in layers]
-    scratch = fused.scratch(1, sh["k"], sh["I"])
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        for i, w in enumerate(layers):  # warm-up outside the capture (sets the kernels' attributes)
-            fused(xs[i], logits[i], w, xs[i + 1], scratch, sh["k"], sh["group"])
+        chain(fused, layers, logits, xs, sh)  # outside the capture: scratch allocated, kernels loaded
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i, w in enumerate(layers):
-            fused(xs[i], logits[i], w, xs[i + 1], scratch, sh["k"], sh["group"])
+        chain(fused, layers, logits, xs, sh)
 
     def step() -> None:
         g.replay()
@@ -188,17 +200,28 @@ def time_fused(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: l
     return {"gpu_ms_per_step": replay_ms(g, 200), "host_ms_per_step": host_ms(step)}
 
 
-def time_qmoe(layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor], x0: torch.Tensor,
-              sh: dict[str, int], work: Path) -> tuple[float, torch.Tensor]:  # fmt: skip
-    """The same chain as one ONNX graph of QMoE nodes (the exporter's attributes), CUDA graph on."""
-    import numpy as np
+def time_prefill(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
+                 x0: torch.Tensor, sh: dict[str, int]) -> float:  # fmt: skip
+    """PREFILL tokens through every layer, plain launches, waited for: ms."""
+    xs = [x0] + [torch.empty_like(x0) for _ in layers]
+
+    def run() -> None:
+        chain(fused, layers, logits, xs, sh)
+        torch.cuda.synchronize()
+
+    return host_ms(run, reps=5)
+
+
+def qmoe_chain(layers: list[dict[str, torch.Tensor]], sh: dict[str, int], work: Path) -> Path:
+    """The same layers as one ONNX graph of QMoE nodes with the exporter's attributes, any token count."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes, inits, inputs = [], [], [helper.make_tensor_value_info("x0", TensorProto.FLOAT16, [1, sh["H"]])]
+    h, e = sh["H"], sh["E"]
+    inputs = [helper.make_tensor_value_info("x0", TensorProto.FLOAT16, ["T", h])]
+    nodes, inits = [], []
     for i, w in enumerate(layers):
-        inputs.append(helper.make_tensor_value_info(f"logits{i}", TensorProto.FLOAT16, [1, sh["E"]]))
+        inputs.append(helper.make_tensor_value_info(f"logits{i}", TensorProto.FLOAT16, ["T", e]))
         for name in ("fc1", "fc1_scales", "fc2", "fc2_scales"):
             inits.append(numpy_helper.from_array(w[name].cpu().numpy(), f"l{i}.{name}"))
         nodes.append(helper.make_node(
@@ -207,38 +230,43 @@ def time_qmoe(layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
             activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1, expert_weight_bits=4,
             weights_prepacked=0, block_size=sh["group"],
         ))  # fmt: skip
-    outs = [
-        helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT16, [1, sh["H"]]) for i in (len(layers), 1)
-    ]
+    outs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT16, ["T", h]) for i in (len(layers), 1)]
     graph = helper.make_graph(nodes, "qmoe_chain", inputs, outs, inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     path = work / "qmoe_chain.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="qmoe_chain.data")
-    opts = ort.SessionOptions()
+    onnx.save_model(helper.make_model(graph, opset_imports=opsets), str(path), save_as_external_data=True,
+                    location="qmoe_chain.data")  # fmt: skip
+    return path
+
+
+def time_qmoe(path: Path, logits: list[torch.Tensor], x0: torch.Tensor, cuda_graph: bool) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """ms per run (a run and its wait, as a runtime sees it) and the first layer's output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = {"enable_cuda_graph": "1"} if cuda_graph else {}
     sess = ort.InferenceSession(
-        str(path), opts, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+        str(path), ort.SessionOptions(), providers=[("CUDAExecutionProvider", options)]
     )
     binding = sess.io_binding()
     feeds = {"x0": x0, **{f"logits{i}": lg for i, lg in enumerate(logits)}}
     dev = {n: ort.OrtValue.ortvalue_from_numpy(t.cpu().numpy(), "cuda", 0) for n, t in feeds.items()}
-    last, first = (
-        ort.OrtValue.ortvalue_from_shape_and_type([1, sh["H"]], np.float16, "cuda", 0) for _ in range(2)
-    )
+    shape = list(x0.shape)
+    last, first = (ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float16, "cuda", 0) for _ in range(2))
     for n, v in dev.items():
         binding.bind_ortvalue_input(n, v)
-    binding.bind_ortvalue_output(f"x{len(layers)}", last)
+    binding.bind_ortvalue_output(f"x{len(logits)}", last)
     binding.bind_ortvalue_output("x1", first)
-    for _ in range(3):  # the first runs capture the CUDA graph
+    for _ in range(3):  # with a CUDA graph: the first runs capture it
         sess.run_with_iobinding(binding)
-    return host_ms(lambda: sess.run_with_iobinding(binding)), torch.from_numpy(first.numpy()).cuda()
+    ms = host_ms(lambda: sess.run_with_iobinding(binding), reps=200 if cuda_graph else 5)
+    return ms, torch.from_numpy(first.numpy()).cuda()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--lib", type=Path, help="a built libomniedge_moe_int4.so (default: build with nvcc)")
+    p.add_argument("--lib", type=Path, help="a built kernels library (default: build with nvcc)")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's QMoE")
     args = p.parse_args()
@@ -250,37 +278,48 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(),
         "shape": SHAPE,
     }
-    odd = {"E": 40, "k": 6, "H": 1056, "I": 352, "group": 32}  # 33 chunks of H: lane 0 takes two
-    report["checks"] = check(fused, [SHAPE, odd], gen)
+    odd = {
+        "E": 40,
+        "k": 6,
+        "H": 1056,
+        "I": 352,
+        "group": 32,
+    }  # 33 chunks of H: lane 0 takes two; no prefill kernels
+    report["checks"] = check(fused, [(SHAPE, (1, 3, 64, 300)), (odd, (1, 3, 40))], gen)
     if not all(r["ok"] for r in report["checks"]):
         args.json.write_text(json.dumps(report, indent=1))
         raise SystemExit("the fused kernels disagree with the float32 reference")
-    sh = SHAPE
-    layers = [random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen) for _ in range(args.layers)]
+    sh, n = SHAPE, args.layers
+    layers = [random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen) for _ in range(n)]
     logits = [torch.randn(1, sh["E"], device="cuda", generator=gen).half() for _ in layers]
     x0 = torch.randn(1, sh["H"], device="cuda", generator=gen).half()
+    logits_p = [torch.randn(PREFILL, sh["E"], device="cuda", generator=gen).half() for _ in layers]
+    xp = torch.randn(PREFILL, sh["H"], device="cuda", generator=gen).half()
     bw = copy_bandwidth_gb_s()
-    per_layer = active_bytes(sh)
-    t = time_fused(fused, layers, logits, x0, sh)
-    step_mb = len(layers) * per_layer / 1e6  # GB/s = MB per step / ms per step
-    report["copy_bandwidth_gb_s"] = bw
-    report["active_bytes_per_layer"] = per_layer
-    report["fused"] = {**t, "us_per_layer_gpu": 1000 * t["gpu_ms_per_step"] / len(layers),
-                       "gb_s_gpu": step_mb / t["gpu_ms_per_step"], "of_copy_bandwidth": step_mb / t["gpu_ms_per_step"] / bw}  # fmt: skip
+    step_mb = n * active_bytes(sh) / 1e6  # GB/s = MB per step / ms per step
+    t = time_decode(fused, layers, logits, x0, sh)
+    flops = n * PREFILL * sh["k"] * 2 * 3 * sh["H"] * sh["I"]
+    prefill_ms = time_prefill(fused, layers, logits_p, xp, sh)
+    report.update(copy_bandwidth_gb_s=bw, active_bytes_per_layer=active_bytes(sh), layers=n)
+    report["fused"] = {**t, "us_per_layer_gpu": 1000 * t["gpu_ms_per_step"] / n, "gb_s_gpu": step_mb / t["gpu_ms_per_step"],
+                       "of_copy_bandwidth": step_mb / t["gpu_ms_per_step"] / bw,
+                       f"prefill_{PREFILL}_ms": prefill_ms, "prefill_tflops": flops / prefill_ms / 1e9}  # fmt: skip
     print(f"fused: {report['fused']}", flush=True)
     if not args.no_ort:
-        y0 = torch.empty_like(x0)
-        fused(x0, logits[0], layers[0], y0, fused.scratch(1, sh["k"], sh["I"]), sh["k"], sh["group"])
-        ref0 = reference(x0, logits[0], layers[0], sh["k"], sh["group"])
         try:
-            qms, q0 = time_qmoe(layers, logits, x0, sh, work)
+            path = qmoe_chain(layers, sh, work)
+            q_decode, q0 = time_qmoe(path, logits, x0, cuda_graph=True)
+            q_prefill, _ = time_qmoe(path, logits_p, xp, cuda_graph=False)
         except ImportError as e:
             report["qmoe"] = {"skipped": str(e)}
         else:
+            y0 = torch.empty_like(x0)
+            fused(x0, logits[0], layers[0], y0, sh["k"], sh["group"])
+            ref0 = reference(x0, logits[0], layers[0], sh["k"], sh["group"])
             scale = float(ref0.abs().max())
             report["qmoe"] = {
-                "host_ms_per_step": qms,
-                "fused_host_speedup": qms / t["host_ms_per_step"],
+                "host_ms_per_step": q_decode, "decode_speedup_of_fused": q_decode / t["host_ms_per_step"],
+                f"prefill_{PREFILL}_ms": q_prefill, "prefill_speedup_of_fused": q_prefill / prefill_ms,
                 "layer0_error_over_max": {"qmoe": float((q0.float() - ref0).abs().max()) / scale,
                                           "fused": float((y0.float() - ref0).abs().max()) / scale},
             }  # fmt: skip

@@ -3,7 +3,7 @@
 
     python3 kernels/moe_int4/build.py --ort-include DIR [-o FILE] [--cpu-only] [--arch 90 87]
 
-With nvcc: the CUDA kernels (moe_int4_decode.cu, one cubin per --arch: 90 = H100/H200, 87 = Jetson AGX Orin)
+With nvcc: the CUDA kernels (moe_int4_{decode,prefill,forward}.cu, one cubin per --arch: 90 = H100/H200, 87 = Jetson AGX Orin)
 and the op for CUDAExecutionProvider (float16) and CPUExecutionProvider (float32, the reference loop).
 `--cpu-only` (or no nvcc): the CPU op alone, with the host C++ compiler. DIR holds ONNX Runtime's
 `onnxruntime_c_api.h` (API version 12 or later: any ONNX Runtime release since 1.12 ships it in its include
@@ -35,7 +35,7 @@ def command(ort_include: Path, out: Path, cuda: bool, arch: list[str]) -> list[s
     if cuda:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch]
         return ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-DOMNIEDGE_WITH_CUDA",
-                f"-I{ort_include}", *gencode, "-o", str(out), op, str(HERE / "moe_int4_decode.cu")]  # fmt: skip
+                f"-I{ort_include}", *gencode, "-o", str(out), op, *(str(HERE / f"moe_int4_{n}.cu") for n in ("decode", "prefill", "forward"))]  # fmt: skip
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{ort_include}", "-o", str(out), op]
 

@@ -16,13 +16,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "moe_int4_route.cuh"
+
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kPairsPerWarp = 2;       // gate/up row pairs per warp (their loads in flight together)
-constexpr int kMaxExperts = 256;
-constexpr int kMaxTopK = 32;
 constexpr int kMaxDownLoads = 8;       // uint4 loads per lane for one output row: k * I / 32 / 32
 constexpr float kMagic = 8388608.f;    // 2^23: float bits 0x4B000000 | c are 2^23 + c for c < 2^23
 
@@ -30,44 +29,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-// Top-k of one token's E logits, softmax over those k, computed by warp 0 of the block into shared
-// memory. Ties go to the lower expert index. The caller's __syncthreads publishes them.
-__device__ void route(const half* logits, int E, int k, int* ids, float* weights) {
-  if (threadIdx.x >= kWarp) return;
-  const int lane = threadIdx.x;
-  float v[kMaxExperts / kWarp];
-#pragma unroll
-  for (int j = 0; j < kMaxExperts / kWarp; ++j) {
-    const int e = lane + j * kWarp;
-    v[j] = e < E ? __half2float(logits[e]) : -INFINITY;
-  }
-  float top = 0.f, denom = 0.f;
-  for (int t = 0; t < k; ++t) {
-    float best = -INFINITY;
-    int best_e = 0x7fffffff;
-#pragma unroll
-    for (int j = 0; j < kMaxExperts / kWarp; ++j) {
-      const int e = lane + j * kWarp;
-      if (e < E && (v[j] > best || (v[j] == best && e < best_e))) best = v[j], best_e = e;
-    }
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {  // every lane ends with the same (best, best_e)
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (ob > best || (ob == best && oe < best_e)) best = ob, best_e = oe;
-    }
-    if (t == 0) top = best;
-    const float w = __expf(best - top);
-    denom += w;
-    if (lane == 0) ids[t] = best_e, weights[t] = w;
-#pragma unroll
-    for (int j = 0; j < kMaxExperts / kWarp; ++j)
-      if (lane + j * kWarp == best_e) v[j] = -INFINITY;  // taken
-  }
-  __syncwarp();
-  if (lane < k) weights[lane] /= denom;
 }
 
 // x[0..31] as the float16 pairs dot32_half2 multiplies: for word w, pair n = (x[8w+n], x[8w+4+n]), the

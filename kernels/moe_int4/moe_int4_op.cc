@@ -7,10 +7,11 @@
 // fc1 rows interleaved gate j, up j; codes of omniedge/int4.py (low nibble first, symmetric, zero point 8);
 // routing = the top-k logits, softmax over those k; SwiGLU experts; y = the routing-weighted sum.
 //
-// Kernels: on CUDAExecutionProvider (float16 x, logits and scales) the fused kernels of moe_int4_decode.cu on
-// ONNX Runtime's compute stream (built with -DOMNIEDGE_WITH_CUDA); on CPUExecutionProvider (float32) a plain
-// reference loop, the specification the CUDA kernels are checked against. Written against ONNX Runtime's C API
-// version 12 (ORT 1.12), which every later runtime serves; its header is a build dependency (build.py).
+// Kernels: on CUDAExecutionProvider (float16 x, logits and scales) the fused kernels of moe_int4_forward.cu
+// (decode or prefill by token count) on ONNX Runtime's compute stream (built with -DOMNIEDGE_WITH_CUDA); on
+// CPUExecutionProvider (float32) a plain reference loop, the specification the CUDA kernels are checked
+// against. Written against ONNX Runtime's C API version 12 (ORT 1.12), which every later runtime serves; its
+// header is a build dependency (build.py).
 #include <onnxruntime_c_api.h>
 
 #include <cmath>
@@ -24,10 +25,10 @@
 
 #ifdef OMNIEDGE_WITH_CUDA
 #include <cuda_runtime.h>
-extern "C" size_t omniedge_moe_int4_scratch_bytes(int M, int k, int I);
-extern "C" int omniedge_moe_int4_decode(const void* x, const void* logits, const void* fc1, const void* fc1_scales,
-                                        const void* fc2, const void* fc2_scales, void* out, void* scratch, int M,
-                                        int E, int k, int H, int I, int group, void* stream);
+extern "C" size_t omniedge_moe_int4_forward_scratch_bytes(int M, int E, int k, int H, int I, int group);
+extern "C" int omniedge_moe_int4_forward(const void* x, const void* logits, const void* fc1, const void* fc1_scales,
+                                         const void* fc2, const void* fc2_scales, void* out, void* scratch, int M,
+                                         int E, int k, int H, int I, int group, void* stream);
 #endif
 
 namespace {
@@ -182,10 +183,10 @@ void compute_cuda(Kernel& kn, OrtKernelContext* ctx) {
   const Shapes s = check_inputs(ctx, kn.k, kn.group, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   void* stream = nullptr;
   check(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
-  void* scratch = cuda_scratch(omniedge_moe_int4_scratch_bytes(int(s.T), int(kn.k), int(s.I)));
-  const int rc = omniedge_moe_int4_decode(input(ctx, 0), input(ctx, 1), input(ctx, 2), input(ctx, 3), input(ctx, 4),
-                                          input(ctx, 5), output(ctx, s), scratch, int(s.T), int(s.E), int(kn.k),
-                                          int(s.H), int(s.I), int(kn.group), stream);
+  const int T = int(s.T), E = int(s.E), k = int(kn.k), H = int(s.H), I = int(s.I), g = int(kn.group);
+  void* scratch = cuda_scratch(omniedge_moe_int4_forward_scratch_bytes(T, E, k, H, I, g));
+  const int rc = omniedge_moe_int4_forward(input(ctx, 0), input(ctx, 1), input(ctx, 2), input(ctx, 3), input(ctx, 4),
+                                           input(ctx, 5), output(ctx, s), scratch, T, E, k, H, I, g, stream);
   if (rc == 1)
     throw std::runtime_error("MoEInt4: shapes the CUDA kernels do not take (H and I multiples of 32, H <= 4096, "
                              "k * I <= 8192, group a multiple of 32 dividing H and I, E <= 256, k <= 32)");
