@@ -44,21 +44,36 @@ __host__ __device__ inline size_t align256(size_t n) { return (n + 255) / 256 * 
 
 __host__ __device__ inline int max_tiles(int M, int E, int k) { return (M * k + kTile - 1) / kTile + E; }
 
-__host__ __device__ inline Plan carve(void* scratch, int M, int E, int k, int H, int I) {
+// Byte offsets of Plan's arrays in the scratch buffer, in field order; [11] is the total.
+struct Layout {
+  size_t at[12];
+};
+
+__host__ __device__ inline Layout layout(int M, int E, int k, int H, int I) {
+  const size_t mk = size_t(M) * k, mt = max_tiles(M, E, k), i4 = sizeof(int);
+  const size_t sizes[11] = {mk * i4, mk * sizeof(float), E * i4, (E + 1) * i4, E * i4, mk * i4, mt * i4, mt * i4, i4,
+                            mk * I * sizeof(half), mk * H * sizeof(float)};
+  Layout l;
+  l.at[0] = 0;
+  for (int i = 0; i < 11; ++i) l.at[i + 1] = l.at[i] + align256(sizes[i]);
+  return l;
+}
+
+inline Plan carve(void* scratch, int M, int E, int k, int H, int I) {
   char* p = static_cast<char*>(scratch);
+  const Layout l = layout(M, E, k, H, I);
   Plan s;
-  const int mk = M * k, mt = max_tiles(M, E, k);
-  s.ids = reinterpret_cast<int*>(p), p += align256(mk * sizeof(int));
-  s.weights = reinterpret_cast<float*>(p), p += align256(mk * sizeof(float));
-  s.counts = reinterpret_cast<int*>(p), p += align256(E * sizeof(int));
-  s.offsets = reinterpret_cast<int*>(p), p += align256((E + 1) * sizeof(int));
-  s.cursor = reinterpret_cast<int*>(p), p += align256(E * sizeof(int));
-  s.perm = reinterpret_cast<int*>(p), p += align256(mk * sizeof(int));
-  s.tile_expert = reinterpret_cast<int*>(p), p += align256(mt * sizeof(int));
-  s.tile_row0 = reinterpret_cast<int*>(p), p += align256(mt * sizeof(int));
-  s.num_tiles = reinterpret_cast<int*>(p), p += align256(sizeof(int));
-  s.h = reinterpret_cast<half*>(p), p += align256(size_t(mk) * I * sizeof(half));
-  s.partial = reinterpret_cast<float*>(p), p += align256(size_t(mk) * H * sizeof(float));
+  s.ids = reinterpret_cast<int*>(p + l.at[0]);
+  s.weights = reinterpret_cast<float*>(p + l.at[1]);
+  s.counts = reinterpret_cast<int*>(p + l.at[2]);
+  s.offsets = reinterpret_cast<int*>(p + l.at[3]);
+  s.cursor = reinterpret_cast<int*>(p + l.at[4]);
+  s.perm = reinterpret_cast<int*>(p + l.at[5]);
+  s.tile_expert = reinterpret_cast<int*>(p + l.at[6]);
+  s.tile_row0 = reinterpret_cast<int*>(p + l.at[7]);
+  s.num_tiles = reinterpret_cast<int*>(p + l.at[8]);
+  s.h = reinterpret_cast<half*>(p + l.at[9]);
+  s.partial = reinterpret_cast<float*>(p + l.at[10]);
   return s;
 }
 
@@ -219,8 +234,7 @@ int omniedge_moe_int4_prefill_supported(int E, int k, int H, int I, int group) {
 }
 
 size_t omniedge_moe_int4_prefill_scratch_bytes(int M, int E, int k, int H, int I) {
-  const Plan end = carve(nullptr, M, E, k, H, I);
-  return size_t(reinterpret_cast<char*>(end.partial)) + align256(size_t(M) * k * H * sizeof(float));
+  return layout(M, E, k, H, I).at[11];
 }
 
 // Queues the six kernels on `stream`. Returns 0, 1 for shapes they do not take, or the CUDA error code.
