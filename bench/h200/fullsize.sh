@@ -127,6 +127,17 @@ PY
         2>&1 | tee $OUT/fused.log | tail -6
       timeout 200 python3 -m omniedge.bench.thinker_report $W/full-bundle-fusedqk --providers cuda --contexts 512 \
         --new-tokens 64 --runs 2 --json $OUT/fused-report.json 2>&1 | grep -v Warn | tail -8 ;;
+    moe-probe)  # omniedge's fused INT4 MoE kernels alone: exact, then 48 layers against the roofline and QMoE
+      timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe.json 2>&1 | grep -v Warn | tail -20 ;;
+    moe-variant)  # the op library (carry .ortinclude: ONNX Runtime's C header), the bundle with MoEInt4 over the
+      # same weights file, logits against QMoE's, then decode/TTFT in interleaved rounds (kernel_sweep.py)
+      export OMNIEDGE_OPS_DIR=$W/lib
+      python3 kernels/moe_int4/build.py --ort-include .ortinclude --arch 90 -o $W/lib/libomniedge_moe_int4.so &&
+      timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe --moe-kernel omniedge \
+        --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 &&
+      timeout ${SWEEP_TIMEOUT:-420} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 --new-tokens 64 --runs 2 \
+        --rounds ${ROUNDS:-3} --only "runtime defaults" --combine "omniedge MoE kernel=@bundle=$BUNDLE-moe" \
+        --json $OUT/sweep-moe$SFX.json 2>&1 | grep -v Warn ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
