@@ -11,6 +11,7 @@ import json
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,12 @@ def export_bundle(
         raise OmniedgeError(
             f"--moe-kernel {moe_kernel} is an ort-flavour graph",
             "export with --flavour ort, or --moe-kernel qmoe",
+        )
+    if moe_kernel == "omniedge" and device != "cuda":
+        warnings.warn(
+            "--moe-kernel omniedge on the CPU runs its reference loop (exact, slow): use --moe-kernel qmoe for a CPU "
+            "deployment",
+            stacklevel=2,
         )
     if fused_qk_norm is None:
         fused_qk_norm = flavour == "ort" and device == "cuda"

@@ -2,10 +2,10 @@
 
 Without the library: `--moe-kernel omniedge` puts one MoEInt4 node per MoE layer in the thinker graph in place
 of QMoE, the manifest names the library, and a runtime that cannot find it says which file and how to build it;
-the exporter refuses the graphs the op cannot express. With the library (built by kernels/moe_int4/build.py,
-CPU op only, when ONNX Runtime's C API header is at $OMNIEDGE_ORT_INCLUDE and a C++ compiler is present;
-skipped otherwise): the op equals QMoE on the same weights, and the tiny model's greedy tokens through it equal
-transformers' for text and for image + audio.
+the exporter refuses the graphs the op cannot express and warns that a CPU bundle with it runs a slow reference
+loop. With the library (built by kernels/moe_int4/build.py, CPU op only, when ONNX Runtime's C API header is at
+$OMNIEDGE_ORT_INCLUDE and a C++ compiler is present; skipped otherwise): the op equals QMoE on the same weights,
+and the tiny model's greedy tokens through it equal transformers' for text and for image + audio.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 from omniedge.errors import OmniedgeError
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore:--moe-kernel omniedge on the CPU")
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What do you see and hear?"
 
@@ -86,6 +87,8 @@ def test_graphs_the_op_cannot_express_are_refused(checkpoint: Path, tmp_path: Pa
     with pytest.raises(OmniedgeError, match="unknown MoE kernel"):
         export_bundle(checkpoint, tmp_path / "u", moe_kernel="triton", progress=False)
     assert not (tmp_path / "p").exists() and not (tmp_path / "u").exists()
+    with pytest.warns(UserWarning, match="reference loop"):  # a CPU bundle with the op: exact but slow
+        export_bundle(checkpoint, tmp_path / "c", moe_kernel="omniedge", progress=False)
 
 
 def test_the_cpu_op_equals_qmoe_on_the_same_weights(ops_dir: Path) -> None:
