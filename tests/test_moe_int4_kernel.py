@@ -6,9 +6,10 @@ are refused without a launch. Run on the device machine: `python3 -m pytest -q -
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,10 +23,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
     if not torch.cuda.is_available() or shutil.which("nvcc") is None:
         pytest.skip("needs a CUDA GPU and nvcc")
     path = Path(__file__).resolve().parents[1] / "bench" / "h200" / "moe_kernel_probe.py"
-    spec = importlib.util.spec_from_file_location("moe_kernel_probe", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = SimpleNamespace(**runpy.run_path(str(path)))
     mod.fused = mod.FusedMoE(mod.build(tmp_path_factory.mktemp("moe_int4")))
     return mod
 

@@ -91,47 +91,54 @@ def test_graphs_the_op_cannot_express_are_refused(checkpoint: Path, tmp_path: Pa
         export_bundle(checkpoint, tmp_path / "c", moe_kernel="omniedge", progress=False)
 
 
-def test_the_cpu_op_equals_qmoe_on_the_same_weights(ops_dir: Path) -> None:
+def _op_against_qmoe(lib: Path, provider: str, dtype: type, tokens: int, h: int, inter: int, e: int, k: int, g: int) -> float:  # fmt: skip
+    """max |MoEInt4 - QMoE| / max |QMoE| on random weights, each op alone in a session of `provider`."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
+    from onnx.helper import np_dtype_to_tensor_dtype
 
     rng = np.random.default_rng(0)
-    t, h, inter, e, k, g = 3, 256, 96, 10, 3, 32
     weights = {
         "fc1": rng.integers(0, 256, (e, 2 * inter, h // 2), dtype=np.uint8),
-        "s1": (rng.random((e, 2 * inter, h // g), dtype=np.float32) + 0.5) / 40,
+        "s1": ((rng.random((e, 2 * inter, h // g)) + 0.5) / 40).astype(dtype),
         "fc2": rng.integers(0, 256, (e, h, inter // 2), dtype=np.uint8),
-        "s2": (rng.random((e, h, inter // g), dtype=np.float32) + 0.5) / 30,
+        "s2": ((rng.random((e, h, inter // g)) + 0.5) / 30).astype(dtype),
     }
     feeds = {
-        "x": rng.standard_normal((t, h)).astype(np.float32),
-        "lg": rng.standard_normal((t, e)).astype(np.float32),
+        "x": rng.standard_normal((tokens, h)).astype(dtype),
+        "lg": rng.standard_normal((tokens, e)).astype(dtype),
     }
+    elem = np_dtype_to_tensor_dtype(np.dtype(dtype))
 
     def run(op: str, domain: str, inputs: list[str], **attrs: object) -> np.ndarray:
         node = helper.make_node(op, inputs, ["y"], domain=domain, **attrs)
         graph = helper.make_graph(
             [node],
             "g",
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in feeds.items()],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])],
+            [helper.make_tensor_value_info(n, elem, list(v.shape)) for n, v in feeds.items()],
+            [helper.make_tensor_value_info("y", elem, [tokens, h])],
             [numpy_helper.from_array(v, n) for n, v in weights.items()],
         )
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]
         )
         so = ort.SessionOptions()
-        so.register_custom_ops_library(str(ops_dir / "libomniedge_moe_int4.so"))
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return sess.run(None, feeds)[0]
+        so.register_custom_ops_library(str(lib))
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=[provider])
+        return sess.run(None, feeds)[0].astype(np.float32)
 
     ours = run("MoEInt4", "ai.omniedge", ["x", "lg", "fc1", "s1", "fc2", "s2"], k=k, group=g)
     qmoe_attrs = dict(
         k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0
     )
-    qmoe_attrs.update(normalize_routing_weights=1, expert_weight_bits=4, block_size=g)
+    qmoe_attrs.update(normalize_routing_weights=1, expert_weight_bits=4, block_size=g, weights_prepacked=0)
     ref = run("QMoE", "com.microsoft", ["x", "lg", "fc1", "s1", "", "fc2", "s2"], **qmoe_attrs)
-    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_the_cpu_op_equals_qmoe_on_the_same_weights(ops_dir: Path) -> None:
+    lib = ops_dir / "libomniedge_moe_int4.so"
+    assert _op_against_qmoe(lib, "CPUExecutionProvider", np.float32, 3, 256, 96, 10, 3, 32) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", ["text", "image+audio"])
@@ -185,7 +192,6 @@ def test_the_op_graph_lays_out_the_qmoe_graphs_weights_file(
 def test_the_cuda_op_equals_qmoe_on_the_cuda_provider(tokens: int, tmp_path: Path) -> None:
     """float16 on ONNX Runtime's CUDA provider, one token (decode kernels) and 64 (prefill kernels)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     include = os.environ.get("OMNIEDGE_ORT_INCLUDE")
     if (
@@ -204,40 +210,4 @@ def test_the_cuda_op_equals_qmoe_on_the_cuda_provider(tokens: int, tmp_path: Pat
         "90",
     ]
     subprocess.run([*build, "-o", str(lib)], check=True)
-    rng = np.random.default_rng(0)
-    h, inter, e, k, g = 512, 256, 16, 4, 128
-    weights = {
-        "fc1": rng.integers(0, 256, (e, 2 * inter, h // 2), dtype=np.uint8),
-        "s1": ((rng.random((e, 2 * inter, h // g)) + 0.5) / 40).astype(np.float16),
-        "fc2": rng.integers(0, 256, (e, h, inter // 2), dtype=np.uint8),
-        "s2": ((rng.random((e, h, inter // g)) + 0.5) / 30).astype(np.float16),
-    }
-    feeds = {
-        "x": rng.standard_normal((tokens, h)).astype(np.float16),
-        "lg": rng.standard_normal((tokens, e)).astype(np.float16),
-    }
-
-    def run(op: str, domain: str, inputs: list[str], **attrs: object) -> np.ndarray:
-        node = helper.make_node(op, inputs, ["y"], domain=domain, **attrs)
-        graph = helper.make_graph(
-            [node],
-            "g",
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT16, list(v.shape)) for n, v in feeds.items()],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [tokens, h])],
-            [numpy_helper.from_array(v, n) for n, v in weights.items()],
-        )
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)]
-        )
-        so = ort.SessionOptions()
-        so.register_custom_ops_library(str(lib))
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
-        return sess.run(None, feeds)[0].astype(np.float32)
-
-    ours = run("MoEInt4", "ai.omniedge", ["x", "lg", "fc1", "s1", "fc2", "s2"], k=k, group=g)
-    qmoe_attrs = dict(
-        k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0
-    )
-    qmoe_attrs.update(normalize_routing_weights=1, expert_weight_bits=4, block_size=g, weights_prepacked=0)
-    ref = run("QMoE", "com.microsoft", ["x", "lg", "fc1", "s1", "", "fc2", "s2"], **qmoe_attrs)
-    assert np.abs(ours - ref).max() <= 1e-2 * np.abs(ref).max()
+    assert _op_against_qmoe(lib, "CUDAExecutionProvider", np.float16, tokens, 512, 256, 16, 4, 128) <= 1e-2
