@@ -34,8 +34,9 @@ def library_paths(names: tuple[str, ...] | list[str]) -> list[Path]:
         if not path.is_file():
             raise OmniedgeError(
                 f"the bundle's thinker needs the custom-op library {name}, not found at {path}",
-                f"build it: python3 {KNOWN[name]}/build.py (or set OMNIEDGE_OPS_DIR to where it is), "
-                "or re-export the bundle with --moe-kernel qmoe",
+                f"build it from an omniedge checkout: python3 {KNOWN[name]}/build.py --ort-include DIR (DIR: the "
+                "include folder of an ONNX Runtime release); or set OMNIEDGE_OPS_DIR to where it is; or re-export "
+                "the bundle with --moe-kernel qmoe",
             )
         paths.append(path)
     return paths
