@@ -212,6 +212,19 @@ def time_prefill(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits:
     return host_ms(run, reps=5)
 
 
+def qmoe_missing() -> str | None:
+    """Why ONNX Runtime's CUDA QMoE cannot run here (None: it can)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return str(e)
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDA provider here"
+    return None
+
+
 def qmoe_chain(layers: list[dict[str, torch.Tensor]], sh: dict[str, int], work: Path) -> Path:
     """The same layers as one ONNX graph of QMoE nodes with the exporter's attributes, any token count."""
     import onnx
@@ -305,7 +318,9 @@ def main() -> None:
                        "of_copy_bandwidth": step_mb / t["gpu_ms_per_step"] / bw,
                        f"prefill_{PREFILL}_ms": prefill_ms, "prefill_tflops": flops / prefill_ms / 1e9}  # fmt: skip
     print(f"fused: {report['fused']}", flush=True)
-    if not args.no_ort:
+    if not args.no_ort and (missing := qmoe_missing()):
+        report["qmoe"] = {"skipped": missing}
+    elif not args.no_ort:
         try:
             path = qmoe_chain(layers, sh, work)
             q_decode, q0 = time_qmoe(path, logits, x0, cuda_graph=True)
