@@ -193,6 +193,8 @@ def test_the_cuda_op_equals_qmoe_on_the_cuda_provider(tokens: int, tmp_path: Pat
     """float16 on ONNX Runtime's CUDA provider, one token (decode kernels) and 64 (prefill kernels)."""
     import onnxruntime as ort
 
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu's CUDA libraries from their pip packages
+        ort.preload_dlls()
     include = os.environ.get("OMNIEDGE_ORT_INCLUDE")
     if (
         "CUDAExecutionProvider" not in ort.get_available_providers()
