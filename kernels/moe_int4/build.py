@@ -25,9 +25,10 @@ LIBRARY = "libomniedge_moe_int4.so"
 
 
 def default_output() -> Path:
-    env = os.environ.get("OMNIEDGE_OPS_DIR")
-    home = os.environ.get("OMNIEDGE_HOME") or str(Path.home() / ".cache" / "omniedge")
-    return Path(env) / LIBRARY if env else Path(home) / "lib" / LIBRARY
+    """Where the runtime looks (omniedge/runtime/custom_ops.py; needs omniedge installed, as any checkout's)."""
+    from omniedge.runtime.custom_ops import ops_dir
+
+    return ops_dir() / LIBRARY
 
 
 def command(ort_include: Path, out: Path, cuda: bool, arch: list[str]) -> list[str]:

@@ -40,21 +40,15 @@ __device__ __forceinline__ void pair_up(const float* x, half2* pairs) {
     for (int n = 0; n < 4; ++n) pairs[w * 4 + n] = __floats2half2_rn(x[8 * w + n], x[8 * w + 4 + n]);
 }
 
-// 32 codes (16 bytes) . 32 inputs given as pair_up's pairs, times the group's scale. A code c becomes the
-// float16 1024 + c by OR-ing it into the mantissa of 1024 (0x6400); subtracting 1032 leaves c - 8 exactly.
+// 32 codes (16 bytes) . 32 inputs given as pair_up's pairs, times the group's scale.
 __device__ __forceinline__ float dot32_half2(uint4 q, const half2* pairs, float scale) {
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-  const half2 bias = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));  // 1032
   float acc = 0.f;
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     half2 s = __float2half2_rn(0.f);
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const uint32_t bits = ((words[w] >> (4 * n)) & 0x000F000Fu) | 0x64006400u;
-      const half2 c = __hsub2(*reinterpret_cast<const half2*>(&bits), bias);
-      s = __hfma2(c, pairs[w * 4 + n], s);
-    }
+    for (int n = 0; n < 4; ++n) s = __hfma2(codes_minus_8(words[w], n), pairs[w * 4 + n], s);
     const float2 f = __half22float2(s);
     acc += f.x + f.y;
   }

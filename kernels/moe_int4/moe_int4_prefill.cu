@@ -115,14 +115,12 @@ __device__ inline void load_weights(half (*Bs)[kTile + kPad], const uint8_t* w, 
   const int col = k0 + part * 32;
   const uint4 q = __ldg(reinterpret_cast<const uint4*>(w + size_t(n0 + r) * (K / 2) + col / 2));
   const half2 scale = __half2half2(scales[size_t(n0 + r) * (K / group) + col / group]);
-  const half2 bias = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));  // 1032: code - 8
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
   for (int wd = 0; wd < 4; ++wd)
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      const uint32_t bits = ((words[wd] >> (4 * n)) & 0x000F000Fu) | 0x64006400u;
-      const half2 v = __hmul2(__hsub2(*reinterpret_cast<const half2*>(&bits), bias), scale);
+      const half2 v = __hmul2(codes_minus_8(words[wd], n), scale);
       Bs[r][part * 32 + wd * 8 + n] = __low2half(v);
       Bs[r][part * 32 + wd * 8 + 4 + n] = __high2half(v);
     }

@@ -1,7 +1,8 @@
-// Routing shared by the decode and prefill kernels: a token's top-k router logits and the softmax over them
-// (QMoE's routing, = Qwen3's softmax -> top-k -> renormalise).
+// What the decode and prefill kernels share: a token's top-k router logits and the softmax over them (QMoE's
+// routing, = Qwen3's softmax -> top-k -> renormalise), and the INT4 codes of a 32-bit word as float16.
 #pragma once
 #include <cuda_fp16.h>
+#include <stdint.h>
 
 namespace {
 
@@ -45,6 +46,14 @@ __device__ void route(const half* logits, int E, int k, int* ids, float* weights
   }
   __syncwarp();
   if (lane < k) weights[lane] /= denom;
+}
+
+// Codes n and 4 + n of a word of 8 (bits 4n.. and 16 + 4n..; omniedge/int4.py: low nibble first, zero point 8)
+// as float16 code - 8: each code OR-ed into the mantissa of 1024 (0x6400), then 1032 subtracted, exactly.
+__device__ __forceinline__ half2 codes_minus_8(uint32_t word, int n) {
+  const uint32_t bits = ((word >> (4 * n)) & 0x000F000Fu) | 0x64006400u;
+  const half2 bias = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));  // 1032
+  return __hsub2(*reinterpret_cast<const half2*>(&bits), bias);
 }
 
 }  // namespace
