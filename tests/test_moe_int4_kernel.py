@@ -2,7 +2,8 @@
 the largest output of a float32 reference (omniedge.int4.dequantize, QMoE's routing, SwiGLU) at the thinker's
 shape for 1 and 3 tokens (decode kernels) and 64 and 300 (prefill kernels), and at widths that are not powers
 of two for 1, 3 and 40 tokens (decode kernels: the prefill ones take multiples of 64); shapes no kernel takes
-are refused without a launch. Run on the device machine: `python3 -m pytest -q -m gpu tests/test_moe_int4_kernel.py`."""
+are refused without a launch; NaN router logits rank as -inf (a token whose logits are all NaN gets the first k
+experts, equally weighted) in both kernel families, without a fault. Run on the device machine: `python3 -m pytest -q -m gpu tests/test_moe_int4_kernel.py`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ def test_fused_moe_matches_the_float32_reference(probe: Any) -> None:
     odd = {"E": 40, "k": 6, "H": 1056, "I": 352, "group": 32}
     rows = probe.check(probe.fused, [(probe.SHAPE, (1, 3, 64, 300)), (odd, (1, 3, 40))], gen)
     assert len(rows) == 7 and all(r["max_error_over_max"] < 5e-3 for r in rows), rows
+
+
+def test_nan_router_logits_rank_last(probe: Any) -> None:
+    import torch
+
+    rows = probe.check_nan_logits(
+        probe.fused, probe.SHAPE, (3, 20), torch.Generator(device="cuda").manual_seed(2)
+    )
+    assert len(rows) == 2 and all(r["max_error_over_max"] < 5e-3 for r in rows), rows
 
 
 def test_shapes_the_kernels_do_not_take_are_refused(probe: Any) -> None:

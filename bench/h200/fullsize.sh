@@ -129,15 +129,19 @@ PY
         --new-tokens 64 --runs 2 --json $OUT/fused-report.json 2>&1 | grep -v Warn | tail -8 ;;
     moe-probe)  # omniedge's fused INT4 MoE kernels alone: exact, then 48 layers against the roofline and QMoE
       timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe.json 2>&1 | grep -v Warn | tail -20 ;;
-    moe-variant)  # the op library (carry .ortinclude: ONNX Runtime's C header), the bundle with MoEInt4 over the
-      # same weights file, logits against QMoE's, then decode/TTFT in interleaved rounds (kernel_sweep.py)
-      export OMNIEDGE_OPS_DIR=$W/lib
+    moe-build)  # the op library (carry .ortinclude: ONNX Runtime's C header) and the bundle with MoEInt4 over the
+      # same weights file, its logits against QMoE's on one prompt (graph_variant.py)
       python3 kernels/moe_int4/build.py --ort-include .ortinclude --arch 90 -o $W/lib/libomniedge_moe_int4.so &&
-      timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe --moe-kernel omniedge \
-        --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 &&
-      timeout ${SWEEP_TIMEOUT:-420} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 --new-tokens 64 --runs 2 \
-        --rounds ${ROUNDS:-3} --only "runtime defaults" --combine "omniedge MoE kernel=@bundle=$BUNDLE-moe" \
-        --json $OUT/sweep-moe$SFX.json 2>&1 | grep -v Warn ;;
+      OMNIEDGE_OPS_DIR=$W/lib timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe \
+        --moe-kernel omniedge --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 ;;
+    moe-sweep)  # decode/TTFT of the two bundles in interleaved rounds (kernel_sweep.py), each its own process
+      OMNIEDGE_OPS_DIR=$W/lib timeout ${SWEEP_TIMEOUT:-420} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 \
+        --new-tokens 64 --runs 2 --rounds ${ROUNDS:-3} --only "runtime defaults" \
+        --combine "omniedge MoE kernel=@bundle=$BUNDLE-moe" --json $OUT/sweep-moe$SFX.json 2>&1 | grep -v Warn ;;
+    moe-report)  # the MoEInt4 bundle's full report with ONNX Runtime's profile (where the time goes now)
+      OMNIEDGE_OPS_DIR=$W/lib timeout ${REPORT_TIMEOUT:-400} python3 -m omniedge.bench.thinker_report $BUNDLE-moe \
+        --providers cuda --contexts 512 4096 --new-tokens 128 --runs 3 --profile --json $OUT/full-report-moe$SFX.json \
+        2>&1 | grep -v Warn | tail -30 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -20,6 +20,9 @@ static int use_prefill(int M, int E, int k, int H, int I, int group) {
   return M >= kPrefillFrom && omniedge_moe_int4_prefill_supported(E, k, H, I, group);
 }
 
+// Tokens from which the prefill kernels may run (the op keeps decode-size scratch apart from prefill's).
+int omniedge_moe_int4_prefill_from() { return kPrefillFrom; }
+
 // Device scratch bytes omniedge_moe_int4_forward needs for these shapes.
 size_t omniedge_moe_int4_forward_scratch_bytes(int M, int E, int k, int H, int I, int group) {
   return use_prefill(M, E, k, H, I, group) ? omniedge_moe_int4_prefill_scratch_bytes(M, E, k, H, I)

@@ -26,6 +26,7 @@
 #ifdef OMNIEDGE_WITH_CUDA
 #include <cuda_runtime.h>
 extern "C" size_t omniedge_moe_int4_forward_scratch_bytes(int M, int E, int k, int H, int I, int group);
+extern "C" int omniedge_moe_int4_prefill_from();
 extern "C" int omniedge_moe_int4_forward(const void* x, const void* logits, const void* fc1, const void* fc1_scales,
                                          const void* fc2, const void* fc2_scales, void* out, void* scratch, int M,
                                          int E, int k, int H, int I, int group, void* stream);
@@ -133,18 +134,24 @@ void compute_cpu(Kernel& kn, OrtKernelContext* ctx) {
   std::vector<float> h(s.I);
   for (int64_t t = 0; t < s.T; ++t) {
     const float* lg = logits + t * s.E;
-    std::vector<int64_t> ids;  // top-k, ties to the lower index
+    // top-k, ties to the lower index, a NaN ranked as -inf (as the CUDA kernels' route)
+    auto value = [lg](int64_t e) { return std::isnan(lg[e]) ? -INFINITY : lg[e]; };
+    std::vector<int64_t> ids;
     std::vector<char> taken(s.E, 0);
     for (int64_t r = 0; r < kn.k; ++r) {
       int64_t best = -1;
       for (int64_t e = 0; e < s.E; ++e)
-        if (!taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
+        if (!taken[e] && (best < 0 || value(e) > value(best))) best = e;
       taken[best] = 1;
       ids.push_back(best);
     }
     double denom = 0;
     std::vector<double> w(kn.k);
-    for (int64_t r = 0; r < kn.k; ++r) denom += (w[r] = std::exp(double(lg[ids[r]]) - lg[ids[0]]));
+    const double top = value(ids[0]);
+    for (int64_t r = 0; r < kn.k; ++r) {
+      const double v = value(ids[r]);
+      denom += (w[r] = v == top ? 1.0 : std::exp(v - top));
+    }
     std::vector<double> acc(s.H, 0.0);
     for (int64_t r = 0; r < kn.k; ++r) {
       const int64_t e = ids[r];
@@ -164,19 +171,57 @@ void compute_cpu(Kernel& kn, OrtKernelContext* ctx) {
 }
 
 #ifdef OMNIEDGE_WITH_CUDA
-// The SwiGLU outputs between the two kernels: one buffer per size, shared by every layer (they run one after
-// another on one stream) and kept for the life of the process: a captured CUDA graph holds its address. A
-// size is first asked for in a run ONNX Runtime does not capture (it captures after regular runs).
-void* cuda_scratch(size_t bytes) {
-  static std::mutex mu;
-  static std::map<size_t, void*> buffers;
-  std::lock_guard<std::mutex> lock(mu);
-  void*& p = buffers[bytes];
-  if (p == nullptr) {
-    const cudaError_t rc = cudaMalloc(&p, bytes);
-    if (rc != cudaSuccess) throw std::runtime_error(std::string("MoEInt4: cudaMalloc: ") + cudaGetErrorString(rc));
+// Device scratch of the kernels (the SwiGLU outputs and routing between them), per device and ONNX Runtime
+// stream, so concurrent runs never share it; layers run one after another on a stream and share it.
+// - Decode sizes (below the prefill kernels' 16 tokens): one buffer per size, kept for the life of the
+//   process, because a captured CUDA graph holds its address. Each size is first asked for in a run ONNX
+//   Runtime does not capture (it captures after regular runs).
+// - Prefill sizes: one buffer that grows to the longest prompt piece seen (the stream is synchronised before
+//   the old one is freed): ~78 KB a token at the thinker's shape, outside ONNX Runtime's arena.
+struct ScratchKey {
+  int device;
+  void* stream;
+  size_t bytes;  // 0: the stream's prefill buffer
+  bool operator<(const ScratchKey& o) const {
+    return device != o.device ? device < o.device : stream != o.stream ? stream < o.stream : bytes < o.bytes;
   }
-  return p;
+};
+
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+void cuda_check(cudaError_t rc, const char* what) {
+  if (rc != cudaSuccess) throw std::runtime_error(std::string("MoEInt4: ") + what + ": " + cudaGetErrorString(rc));
+}
+
+void* cuda_scratch(size_t bytes, bool prefill, void* stream) {
+  static std::mutex mu;
+  static std::map<ScratchKey, Scratch> buffers;
+  int device = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  const ScratchKey key{device, stream, prefill ? 0 : bytes};
+  auto found = buffers.find(key);
+  if (found != buffers.end() && found->second.bytes >= bytes) return found->second.ptr;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cuda_check(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) {
+    // No allocation inside a capture: a decode size seen before on another stream of this device serves.
+    for (const auto& [k, b] : buffers)
+      if (k.device == device && k.bytes == bytes && bytes != 0) return b.ptr;
+    throw std::runtime_error("MoEInt4: a CUDA graph is being captured before a regular run of this token count");
+  }
+  Scratch& b = buffers[key];
+  if (b.ptr != nullptr) {
+    cuda_check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+    cuda_check(cudaFree(b.ptr), "cudaFree");
+    b = Scratch{};
+  }
+  cuda_check(cudaMalloc(&b.ptr, bytes), "cudaMalloc");
+  b.bytes = bytes;
+  return b.ptr;
 }
 
 void compute_cuda(Kernel& kn, OrtKernelContext* ctx) {
@@ -184,7 +229,8 @@ void compute_cuda(Kernel& kn, OrtKernelContext* ctx) {
   void* stream = nullptr;
   check(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
   const int T = int(s.T), E = int(s.E), k = int(kn.k), H = int(s.H), I = int(s.I), g = int(kn.group);
-  void* scratch = cuda_scratch(omniedge_moe_int4_forward_scratch_bytes(T, E, k, H, I, g));
+  const size_t bytes = omniedge_moe_int4_forward_scratch_bytes(T, E, k, H, I, g);
+  void* scratch = cuda_scratch(bytes, T >= omniedge_moe_int4_prefill_from(), stream);
   const int rc = omniedge_moe_int4_forward(input(ctx, 0), input(ctx, 1), input(ctx, 2), input(ctx, 3), input(ctx, 4),
                                            input(ctx, 5), output(ctx, s), scratch, T, E, k, H, I, g, stream);
   if (rc == 1)

@@ -7,6 +7,7 @@
 //   3. scatter: each (token, slot) gets its row in sorted order.
 //   4. gate_up_gemm: per tile x 64 gate/up columns, the gathered inputs times dequantized fc1, SwiGLU -> h
 //      (float16, sorted order).
+//      The SwiGLU outputs are float16 here (as in ONNX Runtime's QMoE) where the decode kernels keep float32.
 //   5. down_gemm: per tile x 64 output columns, h times dequantized fc2, times the routing weight, into the
 //      (token, slot) row of a float32 buffer.
 //   6. finalize: each token's k rows summed in slot order (deterministic), float16 out.
@@ -243,7 +244,7 @@ int omniedge_moe_int4_prefill(const void* x, const void* logits, const void* fc1
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const Plan s = carve(scratch, M, E, k, H, I);
   const int mk = M * k, mt = max_tiles(M, E, k);
-  cudaMemsetAsync(s.counts, 0, E * sizeof(int), st);
+  if (const cudaError_t rc = cudaMemsetAsync(s.counts, 0, E * sizeof(int), st)) return int(rc);
   route_count<<<M, 32, 0, st>>>(static_cast<const half*>(logits), s, E, k);
   plan_tiles<<<1, 32, 0, st>>>(s, E);
   scatter<<<(mk + 255) / 256, 256, 0, st>>>(s, mk);

@@ -10,39 +10,50 @@ constexpr int kWarp = 32;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxTopK = 32;
 
+constexpr int kNoExpert = 0x7fffffff;
+
+// A 32-bit word's two float16 halves (low half first), without type punning.
+__device__ __forceinline__ half2 as_half2(uint32_t bits) {
+  return __halves2half2(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)),
+                        __ushort_as_half(static_cast<unsigned short>(bits >> 16)));
+}
+
 // Top-k of one token's E logits, softmax over those k, computed by warp 0 of the block into shared
-// memory. Ties go to the lower expert index. The caller's __syncthreads publishes them.
+// memory. Ties go to the lower expert index. A NaN logit ranks as -inf, and chosen experts are marked apart
+// from their values, so every id is a valid, distinct expert whatever the logits hold (k <= E); if the
+// largest chosen logit is -inf the k weights are equal. The caller's __syncthreads publishes them.
 __device__ void route(const half* logits, int E, int k, int* ids, float* weights) {
   if (threadIdx.x >= kWarp) return;
   const int lane = threadIdx.x;
-  float v[kMaxExperts / kWarp];
+  constexpr int kPerLane = kMaxExperts / kWarp;
+  float v[kPerLane];
+  unsigned taken = 0;  // bit j: expert lane + 32 j is chosen
 #pragma unroll
-  for (int j = 0; j < kMaxExperts / kWarp; ++j) {
+  for (int j = 0; j < kPerLane; ++j) {
     const int e = lane + j * kWarp;
-    v[j] = e < E ? __half2float(logits[e]) : -INFINITY;
+    const float f = e < E ? __half2float(logits[e]) : -INFINITY;
+    v[j] = f == f ? f : -INFINITY;
   }
   float top = 0.f, denom = 0.f;
   for (int t = 0; t < k; ++t) {
     float best = -INFINITY;
-    int best_e = 0x7fffffff;
+    int best_e = kNoExpert;
 #pragma unroll
-    for (int j = 0; j < kMaxExperts / kWarp; ++j) {
+    for (int j = 0; j < kPerLane; ++j) {
       const int e = lane + j * kWarp;
-      if (e < E && (v[j] > best || (v[j] == best && e < best_e))) best = v[j], best_e = e;
+      if (e < E && !((taken >> j) & 1u) && (best_e == kNoExpert || v[j] > best)) best = v[j], best_e = e;
     }
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {  // every lane ends with the same (best, best_e)
       const float ob = __shfl_xor_sync(0xffffffffu, best, o);
       const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (ob > best || (ob == best && oe < best_e)) best = ob, best_e = oe;
+      if (oe != kNoExpert && (best_e == kNoExpert || ob > best || (ob == best && oe < best_e))) best = ob, best_e = oe;
     }
     if (t == 0) top = best;
-    const float w = __expf(best - top);
+    const float w = best == top ? 1.f : __expf(best - top);
     denom += w;
     if (lane == 0) ids[t] = best_e, weights[t] = w;
-#pragma unroll
-    for (int j = 0; j < kMaxExperts / kWarp; ++j)
-      if (lane + j * kWarp == best_e) v[j] = -INFINITY;  // taken
+    if (lane == best_e % kWarp) taken |= 1u << (best_e / kWarp);
   }
   __syncwarp();
   if (lane < k) weights[lane] /= denom;
@@ -53,7 +64,7 @@ __device__ void route(const half* logits, int E, int k, int* ids, float* weights
 __device__ __forceinline__ half2 codes_minus_8(uint32_t word, int n) {
   const uint32_t bits = ((word >> (4 * n)) & 0x000F000Fu) | 0x64006400u;
   const half2 bias = __halves2half2(__ushort_as_half(0x6408), __ushort_as_half(0x6408));  // 1032
-  return __hsub2(*reinterpret_cast<const half2*>(&bits), bias);
+  return __hsub2(as_half2(bits), bias);
 }
 
 }  // namespace
