@@ -22,6 +22,8 @@ for stage in "$@"; do
         python3 -c "from omniedge.data import espeak; print('espeak-ng in process:', espeak.available())" &&
         python3 -c "import json; from omniedge.data.scenes import load_photo as L; p=json.load(open('omniedge/compress/calibration-pack/pack.json'));
 n=sorted({e['image']['photo'] for s in p['splits'].values() for e in s if e['kind']=='image' and 'photo' in e['image']}); [L(x) for x in n]; print('photos ok', len(n))" ;;
+    keep-ortinclude)  # ONNX Runtime's C header kept on the machine for a later call's moe-build
+      rm -rf $W/ortinclude && cp -r .ortinclude $W/ortinclude && ls $W/ortinclude ;;
     chunk)  # one chunk of the onnxruntime-gpu wheel, joined by install-ort
       mkdir -p /root/acc && cp .gpuwheels/part* /root/acc/ && ls /root/acc ;;
     stash-mini)  # omni-mini's float16 bundle and the greedy reference, made on the CPU (make_parity_data.py)
@@ -131,7 +133,9 @@ PY
       timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe.json 2>&1 | grep -v Warn | tail -20 ;;
     moe-build)  # the op library (carry .ortinclude: ONNX Runtime's C header) and the bundle with MoEInt4 over the
       # same weights file, its logits against QMoE's on one prompt (graph_variant.py)
-      python3 kernels/moe_int4/build.py --ort-include .ortinclude --arch 90 -o $W/lib/libomniedge_moe_int4.so &&
+      # (a wheel-chunk call cannot carry the header beside its chunk: keep-ortinclude copied it to $W earlier)
+      inc=.ortinclude; [ -d $inc ] || inc=$W/ortinclude
+      python3 kernels/moe_int4/build.py --ort-include $inc --arch 90 -o $W/lib/libomniedge_moe_int4.so &&
       OMNIEDGE_OPS_DIR=$W/lib timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe \
         --moe-kernel omniedge --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 ;;
     moe-sweep)  # decode/TTFT of the two bundles in interleaved rounds (kernel_sweep.py), each its own process
