@@ -129,13 +129,18 @@ PY
         2>&1 | tee $OUT/fused.log | tail -6
       timeout 200 python3 -m omniedge.bench.thinker_report $W/full-bundle-fusedqk --providers cuda --contexts 512 \
         --new-tokens 64 --runs 2 --json $OUT/fused-report.json 2>&1 | grep -v Warn | tail -8 ;;
-    moe-probe)  # omniedge's fused INT4 MoE kernels alone: exact, then 48 layers against the roofline and QMoE
-      timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe.json 2>&1 | grep -v Warn | tail -20 ;;
+    moe-probe)  # omniedge's fused INT4 MoE kernels alone: exact, decode variants (MOE_VARIANTS), then 48 layers
+      # against the roofline and QMoE; the fastest variant's macros kept for moe-build ($W/moe-defines)
+      timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe${PROBE_TAG:-}.json \
+        $(cat $W/moe-defines 2>/dev/null) ${MOE_VARIANTS:+--variants $MOE_VARIANTS} 2>&1 | grep -v Warn | tail -24
+      python3 -c "import json; print(' '.join('--define ' + d for d in json.load(open('$OUT/moe-probe${PROBE_TAG:-}.json')).get('best_defines', [])))" \
+        > $W/moe-defines.new 2>/dev/null && [ -n "${MOE_VARIANTS:-}" ] && mv $W/moe-defines.new $W/moe-defines; cat $W/moe-defines 2>/dev/null ;;
     moe-build)  # the op library (carry .ortinclude: ONNX Runtime's C header) and the bundle with MoEInt4 over the
       # same weights file, its logits against QMoE's on one prompt (graph_variant.py)
       # (a wheel-chunk call cannot carry the header beside its chunk: keep-ortinclude copied it to $W earlier)
       inc=.ortinclude; [ -d $inc ] || inc=$W/ortinclude
-      python3 kernels/moe_int4/build.py --ort-include $inc --arch 90 -o $W/lib/libomniedge_moe_int4.so &&
+      python3 kernels/moe_int4/build.py --ort-include $inc --arch 90 $(cat $W/moe-defines 2>/dev/null) \
+        -o $W/lib/libomniedge_moe_int4.so &&
       OMNIEDGE_OPS_DIR=$W/lib timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe \
         --moe-kernel omniedge --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 ;;
     moe-sweep)  # decode/TTFT of the two bundles in interleaved rounds (kernel_sweep.py), each its own process

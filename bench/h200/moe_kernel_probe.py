@@ -2,9 +2,13 @@
 then timed at the thinker's shape against the copy-bandwidth roofline and, where onnxruntime-gpu is
 installed, against ONNX Runtime's QMoE on the same weights in the same process (issue 12).
 
-    python3 bench/h200/moe_kernel_probe.py --json OUT.json [--layers 48] [--no-ort]
+    python3 bench/h200/moe_kernel_probe.py --json OUT.json [--layers 48] [--no-ort] [--define NAME=VALUE ...]
+        [--variants "OMNIEDGE_MOE_WARPS=8,OMNIEDGE_MOE_PAIRS=2" ...]
 
-Builds the library with nvcc (sm_90 and sm_87) into a temporary folder unless --lib names one. Weights are
+Builds the library with nvcc (sm_90 and sm_87) into a temporary folder unless --lib names one; --define passes
+the decode kernels' tuning macros (kernels/moe_int4/moe_int4_decode.cu). --variants first checks and times the
+48-layer decode of each listed macro set (plus the defaults) in one process and reports them side by side, with
+the fastest as `best_defines`. Weights are
 random codes and scales in omniedge's INT4 layout, one set per layer (so no layer's experts sit in L2 when
 the next runs); each layer's router logits are random and fixed, and layer l's output is layer l+1's input,
 as in the model. Both contenders run as one CUDA graph of all layers, replayed back to back.
@@ -31,11 +35,21 @@ SHAPE = {"E": 64, "k": 8, "H": 2048, "I": 768, "group": 128}  # the thinker at 6
 PREFILL = 512  # tokens of the timed prefill
 
 
-def build(out_dir: Path) -> Path:
-    lib = out_dir / "libomniedge_moe_int4_kernels.so"
-    arch = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_87,code=sm_87"]
-    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *arch, "-o", str(lib)]
-    subprocess.run([*cmd, *map(str, SOURCES)], check=True)
+def build(out_dir: Path, defines: tuple[str, ...] = (), arch: tuple[str, ...] = ("90", "87")) -> Path:
+    tag = "-".join(d.replace("OMNIEDGE_MOE_", "").replace("=", "") for d in defines) or "defaults"
+    lib = out_dir / f"libomniedge_moe_int4_kernels-{tag}.so"
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arch]
+    cmd = [
+        "nvcc",
+        "-O3",
+        "-std=c++17",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        *gencode,
+        *(f"-D{d}" for d in defines),
+    ]
+    subprocess.run([*cmd, "-o", str(lib), *map(str, SOURCES)], check=True)
     return lib
 
 
@@ -234,6 +248,53 @@ def time_prefill(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits:
     return host_ms(run, reps=5)
 
 
+def kernel_breakdown(fused: FusedMoE, layers: list[dict[str, torch.Tensor]], logits: list[torch.Tensor],
+                     x0: torch.Tensor, sh: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    """GPU time per kernel name over 10 plain (not graph) passes of every layer, from torch.profiler (CUPTI):
+    us per layer each, and the whole span per layer; or why the profiler gave nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    xs = [x0] + [torch.empty_like(x0) for _ in layers]
+    chain(fused, layers, logits, xs, sh)
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                chain(fused, layers, logits, xs, sh)
+            torch.cuda.synchronize()
+    except Exception as e:  # the profiler is optional here: report why
+        return {"error": repr(e)}
+    per: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us:
+            per[ev.key[:60]] = round(us / (10 * len(layers)), 3)
+    return {"us_per_layer": per}
+
+
+def variants(lib_dir: Path, sets: list[tuple[str, ...]], sh: dict[str, int], n: int, gen: torch.Generator) -> list[dict[str, Any]]:  # fmt: skip
+    """Each macro set (and the defaults) built, checked at 1 and 3 tokens, and timed over n layers (same weights)."""
+    layers = [random_layer(sh["E"], sh["H"], sh["I"], sh["group"], gen) for _ in range(n)]
+    logits = [torch.randn(1, sh["E"], device="cuda", generator=gen).half() for _ in layers]
+    x0 = torch.randn(1, sh["H"], device="cuda", generator=gen).half()
+    rows = []
+    for defines in [(), *sets]:
+        fused = FusedMoE(build(lib_dir, defines, arch=("90",)))
+        checks = check(fused, [(sh, (1, 3))], gen)
+        ok = all(r["ok"] for r in checks)
+        row: dict[str, Any] = {
+            "defines": list(defines),
+            "ok": ok,
+            "errors": [r["max_error_over_max"] for r in checks],
+        }
+        if ok:
+            row.update(time_decode(fused, layers, logits, x0, sh))
+            row["us_per_layer_gpu"] = 1000 * row["gpu_ms_per_step"] / n
+        rows.append(row)
+        print(f"variant {defines or 'defaults'}: {row}", flush=True)
+    return rows
+
+
 def qmoe_missing() -> str | None:
     """Why ONNX Runtime's CUDA QMoE cannot run here (None: it can)."""
     try:
@@ -304,15 +365,27 @@ def main() -> None:
     p.add_argument("--lib", type=Path, help="a built kernels library (default: build with nvcc)")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's QMoE")
+    p.add_argument("--define", action="append", default=[], help="a decode tuning macro NAME=VALUE")
+    p.add_argument("--variants", nargs="*", default=[], help="macro sets to compare, each 'A=1,B=2'")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moe_probe_"))
-    fused = FusedMoE(args.lib or build(work))
     gen = torch.Generator(device="cuda").manual_seed(0)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "gpu": torch.cuda.get_device_name(),
         "shape": SHAPE,
     }
+    defines = tuple(args.define)
+    if args.variants:
+        sets = [tuple(v.split(",")) for v in args.variants]
+        report["variants"] = variants(work, sets, SHAPE, args.layers, gen)
+        timed = [r for r in report["variants"] if r["ok"]]
+        if timed:
+            defines = tuple(min(timed, key=lambda r: r["gpu_ms_per_step"])["defines"])
+        report["best_defines"] = list(defines)
+        print(f"best: {list(defines)}", flush=True)
+    fused = FusedMoE(args.lib or build(work, defines))
+    report["defines"] = list(defines)
     odd = {
         "E": 40,
         "k": 6,
@@ -341,6 +414,8 @@ def main() -> None:
                        "of_copy_bandwidth": step_mb / t["gpu_ms_per_step"] / bw,
                        f"prefill_{PREFILL}_ms": prefill_ms, "prefill_tflops": flops / prefill_ms / 1e9}  # fmt: skip
     print(f"fused: {report['fused']}", flush=True)
+    report["fused"]["kernels"] = kernel_breakdown(fused, layers, logits, x0, sh)
+    print(f"kernels: {report['fused']['kernels']}", flush=True)
     if not args.no_ort and (missing := qmoe_missing()):
         report["qmoe"] = {"skipped": missing}
     elif not args.no_ort:

@@ -1,5 +1,5 @@
-// Fused INT4 MoE for decode (issue 12): routing + gate/up GEMV + SwiGLU in one kernel, down GEMV + the
-// routing-weighted sum over the chosen experts in a second, for each token (row) of x.
+// Fused INT4 MoE for decode (issue 12): gate/up GEMV + SwiGLU in one kernel, down GEMV + the routing-weighted
+// sum over the chosen experts in a second, for each token (row) of x.
 //
 // Weights are exactly what the exporter gives ONNX Runtime's QMoE (export/thinker_ort.py): omniedge's INT4
 // layout (omniedge/int4.py: codes 0..15 along K, two per byte, low nibble first, symmetric, zero point 8,
@@ -7,11 +7,16 @@
 //   fc1 [E, 2I, H/2] uint8, rows interleaved gate j, up j;  fc1_scales [E, 2I, H/group] float16
 //   fc2 [E, H, I/2] uint8;                                   fc2_scales [E, H, I/group] float16
 // and QMoE's routing: a token's top-k router logits, softmax over those k (= Qwen3's softmax -> top-k ->
-// renormalise), computed once by the first kernel and read from scratch by the second. Both kernels read only
-// the chosen experts' bytes, each once, 16 bytes a load, every load of a warp issued before its arithmetic.
-// gate/up: each lane loads its 32-value chunks of the token's input straight from global memory into
-// registers as float16 pairs (no shared memory, no bank conflicts), products in float16 over 4 codes, sums in
-// float32; down: the SwiGLU output stays float32 (it can exceed float16).
+// renormalise). Every warp routes on its own (rank_experts: E broadcasts, no block barrier), so its weight
+// loads go out as soon as it knows its expert. Both kernels read only the chosen experts' bytes, each once, 16
+// bytes a load, every load of a warp issued before its arithmetic. gate/up: each lane loads its 32-value chunks
+// of the token's input straight from global memory into registers as float16 pairs, products in float16 over
+// 4 codes, sums in float32; down: the SwiGLU output stays float32 (it can exceed float16), staged in shared
+// memory once per block after the block's weight loads are issued.
+//
+// Tuning (compile-time; build.py --define): OMNIEDGE_MOE_WARPS / OMNIEDGE_MOE_PAIRS, warps per gate/up block and
+// gate/up row pairs per warp; OMNIEDGE_MOE_DOWN_WARPS / OMNIEDGE_MOE_DOWN_ROWS, warps per down block and output
+// rows per warp.
 //
 // Shapes the launcher takes (it returns 1 for any other, launching nothing): H and I multiples of 32 with
 // H <= 4096 and k * I <= 8192, group a multiple of 32 dividing H and I, E <= 256, 1 <= k <= min(E, 32).
@@ -20,12 +25,29 @@
 
 #include "moe_int4_route.cuh"
 
+#ifndef OMNIEDGE_MOE_WARPS
+#define OMNIEDGE_MOE_WARPS 4
+#endif
+#ifndef OMNIEDGE_MOE_PAIRS
+#define OMNIEDGE_MOE_PAIRS 4
+#endif
+#ifndef OMNIEDGE_MOE_DOWN_WARPS
+#define OMNIEDGE_MOE_DOWN_WARPS 8
+#endif
+#ifndef OMNIEDGE_MOE_DOWN_ROWS
+#define OMNIEDGE_MOE_DOWN_ROWS 2
+#endif
+
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-constexpr int kPairsPerWarp = 2;       // gate/up row pairs per warp (their loads in flight together)
-constexpr int kMaxDownLoads = 8;       // uint4 loads per lane for one output row: k * I / 32 / 32
-constexpr float kMagic = 8388608.f;    // 2^23: float bits 0x4B000000 | c are 2^23 + c for c < 2^23
+constexpr int kWarpsPerBlock = OMNIEDGE_MOE_WARPS;
+constexpr int kPairsPerWarp = OMNIEDGE_MOE_PAIRS;  // gate/up row pairs per warp (their loads in flight together)
+// Pairs per warp for CPL chunks of H per lane: halved for H > 2048 so the loads stay in registers.
+__host__ __device__ constexpr int pairs_for(int cpl) { return cpl >= 4 && kPairsPerWarp > 1 ? kPairsPerWarp / 2 : kPairsPerWarp; }
+constexpr int kDownWarps = OMNIEDGE_MOE_DOWN_WARPS;
+constexpr int kDownRows = OMNIEDGE_MOE_DOWN_ROWS;  // output rows per down warp
+constexpr int kMaxDownLoads = 8;                   // uint4 loads per lane for one output row: k * I / 32 / 32
+constexpr float kMagic = 8388608.f;                // 2^23: float bits 0x4B000000 | c are 2^23 + c for c < 2^23
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -35,7 +57,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // x[32c .. 32c+31] (float16, 16-byte aligned: H is a multiple of 32) as the float16 pairs dot32_half2 multiplies:
 // for word w, pair n = (x[8w+n], x[8w+4+n]), the two codes one mask of a word shifted by 4n picks (bits
-// 4n..4n+3 and 16+4n..16+4n+3). Four 16-byte loads of the token's row, no shared memory.
+// 4n..4n+3 and 16+4n..16+4n+3). Four 16-byte loads of the token's row.
 __device__ __forceinline__ void load_pairs(const half* x, int c, half2* pairs) {
   const uint4* src = reinterpret_cast<const uint4*>(x) + 4 * c;
 #pragma unroll
@@ -78,38 +100,34 @@ __device__ __forceinline__ float dot32_float(uint4 q, const float* x, float scal
   return acc * scale;
 }
 
-// grid (ceil(I / (kWarpsPerBlock * kPairsPerWarp)), k, M). Warp w of block b computes the gate and up rows
-// of pairs j = (b * kWarpsPerBlock + w) * kPairsPerWarp + p of the block's expert slot for token m and
-// writes h[m, slot, j] = silu(gate) * up (float32); block (0, 0, m) also writes token m's routing for
-// down_weighted_sum. CPL: 32-code chunks of H per lane (H <= CPL * 1024).
-template <int CPL>
+// grid (ceil(I / (kWarpsPerBlock * P)), k, M), P = pairs_for(CPL). Warp w of block b computes the gate and up
+// rows of pairs j = (b * kWarpsPerBlock + w) * P + p of expert slot blockIdx.y for token m and writes
+// h[m, slot, j] = silu(gate) * up (float32). CPL: 32-code chunks of H per lane (H <= CPL * 1024); EPL:
+// logits per lane (E <= EPL * 32).
+template <int CPL, int EPL>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     gate_up_swiglu(const half* __restrict__ x, const half* __restrict__ logits, const uint8_t* __restrict__ fc1,
-                   const half* __restrict__ fc1_scales, float* __restrict__ h, int* __restrict__ route_ids,
-                   float* __restrict__ route_weights, int E, int k, int H, int I, int group) {
-  __shared__ int ids[kMaxTopK];
-  __shared__ float weights[kMaxTopK];
+                   const half* __restrict__ fc1_scales, float* __restrict__ h, int E, int k, int H, int I,
+                   int group) {
   const int m = blockIdx.z, slot = blockIdx.y;
   const int lane = threadIdx.x % kWarp;
+  constexpr int P = pairs_for(CPL);
+  const int j0 = (blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp) * P;
+  if (j0 >= I) return;  // whole warps: nothing below synchronises the block
   const int chunks = H / 32, groups = H / group;
-  half2 xp[CPL][16];  // the input's loads go out while warp 0 routes
+  half2 xp[CPL][16];  // the input's loads go out before the routing
 #pragma unroll
   for (int t = 0; t < CPL; ++t) {
     const int c = lane + t * kWarp;
     if (c < chunks) load_pairs(x + size_t(m) * H, c, xp[t]);
   }
-  route(logits + size_t(m) * E, E, k, ids, weights);
-  __syncthreads();
-  if (blockIdx.x == 0 && slot == 0 && threadIdx.x < k) {
-    route_ids[m * k + threadIdx.x] = ids[threadIdx.x];
-    route_weights[m * k + threadIdx.x] = weights[threadIdx.x];
-  }
-  const int j0 = (blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp) * kPairsPerWarp;
-  if (j0 >= I) return;
-  const size_t e = ids[slot];
-  uint4 q[kPairsPerWarp][2][CPL];
+  int ranks[EPL];
+  float v[EPL], top, denom;
+  rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
+  const size_t e = expert_in_slot<EPL>(ranks, slot);
+  uint4 q[P][2][CPL];
 #pragma unroll
-  for (int p = 0; p < kPairsPerWarp; ++p)
+  for (int p = 0; p < P; ++p)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const uint4* row = reinterpret_cast<const uint4*>(fc1 + (e * 2 * I + 2 * (j0 + p) + r) * (H / 2));
@@ -120,7 +138,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       }
     }
 #pragma unroll
-  for (int p = 0; p < kPairsPerWarp; ++p) {
+  for (int p = 0; p < P; ++p) {
     const int j = j0 + p;
     if (j >= I) break;
     float acc[2] = {0.f, 0.f};
@@ -138,77 +156,105 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   }
 }
 
-// grid (ceil(H / kWarpsPerBlock), 1, M). Warp w of block b computes output row n = b * kWarpsPerBlock + w of
-// token m: out[m, n] = sum over slots s of weight_s * (fc2[e_s, n, :] . h[m, s, :]), with gate_up_swiglu's
-// routing. The SwiGLU outputs sit in shared memory chunk-major with a stride of 33 floats, so the 32 lanes
-// reading 32 chunks hit 32 banks.
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
-    down_weighted_sum(const int* __restrict__ route_ids, const float* __restrict__ route_weights,
-                      const uint8_t* __restrict__ fc2, const half* __restrict__ fc2_scales,
-                      const float* __restrict__ h, half* __restrict__ out, int k, int H, int I, int group) {
+// grid (ceil(H / (kDownWarps * kDownRows)), 1, M). Warp w of block b computes output rows n = (b * kDownWarps +
+// w) * kDownRows + r of token m: out[m, n] = sum over slots s of weight_s * (fc2[e_s, n, :] . h[m, s, :]). The
+// SwiGLU outputs sit in shared memory chunk-major with a stride of 33 floats, so the 32 lanes reading 32
+// chunks hit 32 banks; they are staged after the warp's weight loads are issued.
+template <int EPL>
+__global__ void __launch_bounds__(kWarp* kDownWarps)
+    down_weighted_sum(const half* __restrict__ logits, const uint8_t* __restrict__ fc2,
+                      const half* __restrict__ fc2_scales, const float* __restrict__ h, half* __restrict__ out,
+                      int E, int k, int H, int I, int group) {
   extern __shared__ float hs[];  // k * I / 32 chunks x 33 floats
-  __shared__ int ids[kMaxTopK];
-  __shared__ float weights[kMaxTopK];
-  const int m = blockIdx.z;
-  if (threadIdx.x < k) {
-    ids[threadIdx.x] = route_ids[m * k + threadIdx.x];
-    weights[threadIdx.x] = route_weights[m * k + threadIdx.x];
+  __shared__ int ids_all[kDownWarps][kMaxTopK];
+  __shared__ float weights_all[kDownWarps][kMaxTopK];
+  const int m = blockIdx.z, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  int* ids = ids_all[warp];
+  float* weights = weights_all[warp];
+  {
+    int ranks[EPL];
+    float v[EPL], top, denom;
+    rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
+#pragma unroll
+    for (int j = 0; j < EPL; ++j)
+      if (ranks[j] < k) {
+        ids[ranks[j]] = lane + j * kWarp;
+        weights[ranks[j]] = (v[j] == top ? 1.f : __expf(v[j] - top)) / denom;
+      }
+    __syncwarp();
   }
+  const int n0 = (blockIdx.x * kDownWarps + warp) * kDownRows;
+  const int chunks = I / 32, groups = I / group, total = k * chunks;
+  uint4 q[kDownRows][kMaxDownLoads];
+#pragma unroll
+  for (int r = 0; r < kDownRows; ++r)
+#pragma unroll
+    for (int t = 0; t < kMaxDownLoads; ++t) {
+      const int idx = lane + t * kWarp, n = n0 + r;
+      if (idx < total && n < H) {
+        const size_t row = size_t(ids[idx / chunks]) * H + n;
+        q[r][t] = __ldg(reinterpret_cast<const uint4*>(fc2 + row * (I / 2)) + idx % chunks);
+      }
+    }
   for (int i = threadIdx.x; i < k * I; i += blockDim.x) hs[(i / 32) * 33 + i % 32] = h[size_t(m) * k * I + i];
   __syncthreads();
-  const int lane = threadIdx.x % kWarp;
-  const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (n >= H) return;
-  const int chunks = I / 32, groups = I / group, total = k * chunks;
-  uint4 q[kMaxDownLoads];
 #pragma unroll
-  for (int t = 0; t < kMaxDownLoads; ++t) {
-    const int idx = lane + t * kWarp;
-    if (idx < total) {
-      const size_t row = size_t(ids[idx / chunks]) * H + n;
-      q[t] = __ldg(reinterpret_cast<const uint4*>(fc2 + row * (I / 2)) + idx % chunks);
-    }
-  }
-  float acc = 0.f;
+  for (int r = 0; r < kDownRows; ++r) {
+    const int n = n0 + r;
+    if (n >= H) break;
+    float acc = 0.f;
 #pragma unroll
-  for (int t = 0; t < kMaxDownLoads; ++t) {
-    const int idx = lane + t * kWarp;
-    if (idx < total) {
-      const int s = idx / chunks, c = idx % chunks;
-      const size_t row = size_t(ids[s]) * H + n;
-      const float scale = __half2float(fc2_scales[row * groups + c * 32 / group]);
-      acc += weights[s] * dot32_float(q[t], hs + idx * 33, scale);
+    for (int t = 0; t < kMaxDownLoads; ++t) {
+      const int idx = lane + t * kWarp;
+      if (idx < total) {
+        const int s = idx / chunks, c = idx % chunks;
+        const size_t row = size_t(ids[s]) * H + n;
+        const float scale = __half2float(fc2_scales[row * groups + c * 32 / group]);
+        acc += weights[s] * dot32_float(q[r][t], hs + idx * 33, scale);
+      }
     }
+    acc = warp_sum(acc);
+    if (lane == 0) out[size_t(m) * H + n] = __float2half(acc);
   }
-  acc = warp_sum(acc);
-  if (lane == 0) out[size_t(m) * H + n] = __float2half(acc);
+}
+
+template <int CPL, int EPL>
+int launch(const half* x, const half* logits, const uint8_t* fc1, const half* fc1_scales, const uint8_t* fc2,
+           const half* fc2_scales, half* out, float* h, int M, int E, int k, int H, int I, int group, cudaStream_t s) {
+  const int rows_per_block = kWarpsPerBlock * pairs_for(CPL);
+  gate_up_swiglu<CPL, EPL><<<dim3((I + rows_per_block - 1) / rows_per_block, k, M), kWarp * kWarpsPerBlock, 0, s>>>(
+      x, logits, fc1, fc1_scales, h, E, k, H, I, group);
+  const size_t smem = size_t(k) * I / 32 * 33 * sizeof(float);
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(down_weighted_sum<EPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)))
+    return int(cudaGetLastError());
+  const int down_rows = kDownWarps * kDownRows;
+  down_weighted_sum<EPL><<<dim3((H + down_rows - 1) / down_rows, 1, M), kWarp * kDownWarps, smem, s>>>(
+      logits, fc2, fc2_scales, h, out, E, k, H, I, group);
+  return int(cudaGetLastError());
 }
 
 template <int CPL>
-int launch_gate_up(const half* x, const half* logits, const uint8_t* fc1, const half* fc1_scales, float* h, int* ids,
-                   float* weights, int M, int E, int k, int H, int I, int group, cudaStream_t s) {
-  const int rows_per_block = kWarpsPerBlock * kPairsPerWarp;
-  gate_up_swiglu<CPL><<<dim3((I + rows_per_block - 1) / rows_per_block, k, M), kWarp * kWarpsPerBlock, 0, s>>>(
-      x, logits, fc1, fc1_scales, h, ids, weights, E, k, H, I, group);
-  return 0;
+int launch_by_experts(const half* x, const half* logits, const uint8_t* fc1, const half* fc1_scales,
+                      const uint8_t* fc2, const half* fc2_scales, half* out, float* h, int M, int E, int k, int H,
+                      int I, int group, cudaStream_t s) {
+  if (E <= 32) return launch<CPL, 1>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
+  if (E <= 64) return launch<CPL, 2>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
+  if (E <= 128) return launch<CPL, 4>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
+  return launch<CPL, 8>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
 }
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace
 
 extern "C" {
 
 // Bytes of device scratch the launcher needs for M tokens: the SwiGLU outputs between the two kernels (float32
-// [M, k, I]), then each token's k expert ids (int32) and routing weights (float32).
-size_t omniedge_moe_int4_scratch_bytes(int M, int k, int I) {
-  return align256(size_t(M) * k * I * sizeof(float)) + align256(size_t(M) * k * sizeof(int)) +
-         size_t(M) * k * sizeof(float);
-}
+// [M, k, I]).
+size_t omniedge_moe_int4_scratch_bytes(int M, int k, int I) { return size_t(M) * k * I * sizeof(float); }
 
 // Queues both kernels on `stream` (a cudaStream_t; null: the default stream). Returns 0 when queued, 1 for
 // shapes the kernels do not take (nothing launched), else the CUDA error of the launch. Pointers are device
-// memory, x 16-byte aligned; scratch holds omniedge_moe_int4_scratch_bytes(M, k, I), 256-byte aligned.
+// memory, x 16-byte aligned; scratch holds omniedge_moe_int4_scratch_bytes(M, k, I).
 int omniedge_moe_int4_decode(const void* x, const void* logits, const void* fc1, const void* fc1_scales,
                              const void* fc2, const void* fc2_scales, void* out, void* scratch, int M, int E,
                              int k, int H, int I, int group, void* stream) {
@@ -220,22 +266,13 @@ int omniedge_moe_int4_decode(const void* x, const void* logits, const void* fc1,
   const half* lg = static_cast<const half*>(logits);
   const uint8_t* w1 = static_cast<const uint8_t*>(fc1);
   const half* s1 = static_cast<const half*>(fc1_scales);
-  char* base = static_cast<char*>(scratch);
-  float* h = reinterpret_cast<float*>(base);
-  int* ids = reinterpret_cast<int*>(base + align256(size_t(M) * k * I * sizeof(float)));
-  float* weights = reinterpret_cast<float*>(reinterpret_cast<char*>(ids) + align256(size_t(M) * k * sizeof(int)));
-  int rc = H <= 1024   ? launch_gate_up<1>(xh, lg, w1, s1, h, ids, weights, M, E, k, H, I, group, s)
-           : H <= 2048 ? launch_gate_up<2>(xh, lg, w1, s1, h, ids, weights, M, E, k, H, I, group, s)
-                       : launch_gate_up<4>(xh, lg, w1, s1, h, ids, weights, M, E, k, H, I, group, s);
-  if (rc) return rc;
-  const size_t smem = size_t(k) * I / 32 * 33 * sizeof(float);
-  if (smem > 48 * 1024 &&
-      cudaFuncSetAttribute(down_weighted_sum, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)))
-    return int(cudaGetLastError());
-  down_weighted_sum<<<dim3((H + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, M), kWarp * kWarpsPerBlock, smem, s>>>(
-      ids, weights, static_cast<const uint8_t*>(fc2), static_cast<const half*>(fc2_scales), h,
-      static_cast<half*>(out), k, H, I, group);
-  return int(cudaGetLastError());
+  const uint8_t* w2 = static_cast<const uint8_t*>(fc2);
+  const half* s2 = static_cast<const half*>(fc2_scales);
+  half* o = static_cast<half*>(out);
+  float* h = static_cast<float*>(scratch);
+  if (H <= 1024) return launch_by_experts<1>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
+  if (H <= 2048) return launch_by_experts<2>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
+  return launch_by_experts<4>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
 }
 
 }  // extern "C"

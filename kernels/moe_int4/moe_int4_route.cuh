@@ -59,6 +59,61 @@ __device__ void route(const half* logits, int E, int k, int* ids, float* weights
   if (lane < k) weights[lane] /= denom;
 }
 
+// The same routing computed by every warp on its own, with no block-wide barrier (the decode kernels): each
+// lane holds EPL logits (experts lane, lane + 32, ...; E <= 32 * EPL), counts how many of the E logits beat
+// each of them (larger, or equal at a lower index: ties to the lower index, NaN as -inf) from E broadcasts
+// (independent shuffles, not k dependent reductions), and the experts ranked below k are the top-k, slot =
+// rank. Returns, per lane, the slot of each of its experts (k or more: not chosen); `top` gets the largest
+// logit, `denom` the softmax denominator over the chosen (exp(v - top), 1 where v == top).
+template <int EPL>
+__device__ __forceinline__ void rank_experts(const half* logits, int E, int k, int (&slot)[EPL], float (&v)[EPL],
+                                             float& top, float& denom) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) {
+    const int e = lane + j * kWarp;
+    const float f = e < E ? __half2float(logits[e]) : -INFINITY;
+    v[j] = f == f ? f : -INFINITY;
+    slot[j] = 0;
+  }
+#pragma unroll
+  for (int jj = 0; jj < EPL; ++jj) {
+    if (jj * kWarp >= E) break;
+    for (int src = 0; src < kWarp; ++src) {
+      const int i = jj * kWarp + src;
+      if (i >= E) break;  // the same in every lane
+      const float vi = __shfl_sync(0xffffffffu, v[jj], src);
+#pragma unroll
+      for (int j = 0; j < EPL; ++j) slot[j] += (vi > v[j] || (vi == v[j] && i < lane + j * kWarp));
+    }
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) mx = fmaxf(mx, v[j]);
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  top = mx;
+  float d = 0.f;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j)
+    if (slot[j] < k) d += v[j] == top ? 1.f : __expf(v[j] - top);
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+  denom = d;
+}
+
+// The expert in slot `want` of rank_experts' result, the same in every lane of the warp.
+template <int EPL>
+__device__ __forceinline__ int expert_in_slot(const int (&slot)[EPL], int want) {
+  int e = 0;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j) {
+    const unsigned hit = __ballot_sync(0xffffffffu, slot[j] == want);
+    if (hit) e = j * kWarp + __ffs(hit) - 1;
+  }
+  return e;
+}
+
 // Codes n and 4 + n of a word of 8 (bits 4n.. and 16 + 4n..; omniedge/int4.py: low nibble first, zero point 8)
 // as float16 code - 8: each code OR-ed into the mantissa of 1024 (0x6400), then 1032 subtracted, exactly.
 __device__ __forceinline__ half2 codes_minus_8(uint32_t word, int n) {
