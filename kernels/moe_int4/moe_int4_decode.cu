@@ -47,6 +47,7 @@ __host__ __device__ constexpr int pairs_for(int cpl) { return cpl >= 4 && kPairs
 constexpr int kDownWarps = OMNIEDGE_MOE_DOWN_WARPS;
 constexpr int kDownRows = OMNIEDGE_MOE_DOWN_ROWS;  // output rows per down warp
 constexpr int kMaxDownLoads = 8;                   // uint4 loads per lane for one output row: k * I / 32 / 32
+static_assert(32 % kPairsPerWarp == 0 && 32 % kDownRows == 0, "pairs and rows per warp must divide 32");
 constexpr float kMagic = 8388608.f;                // 2^23: float bits 0x4B000000 | c are 2^23 + c for c < 2^23
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -125,34 +126,31 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   float v[EPL], top, denom;
   rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
   const size_t e = expert_in_slot<EPL>(ranks, slot);
-  uint4 q[P][2][CPL];
+  uint4 q[P][2][CPL];  // the warp's weights and their scales, all loads issued before any arithmetic
+  half sc[P][2][CPL];
 #pragma unroll
   for (int p = 0; p < P; ++p)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4* row = reinterpret_cast<const uint4*>(fc1 + (e * 2 * I + 2 * (j0 + p) + r) * (H / 2));
+      const size_t row = e * 2 * I + 2 * (j0 + p) + r;  // j0 + p < I: P divides 32, 32 divides I
+      const uint4* w = reinterpret_cast<const uint4*>(fc1 + row * (H / 2));
 #pragma unroll
       for (int t = 0; t < CPL; ++t) {
         const int c = lane + t * kWarp;
-        q[p][r][t] = (j0 + p < I && c < chunks) ? __ldg(row + c) : make_uint4(0, 0, 0, 0);
+        q[p][r][t] = c < chunks ? __ldg(w + c) : make_uint4(0, 0, 0, 0);
+        sc[p][r][t] = c < chunks ? __ldg(fc1_scales + row * groups + c * 32 / group) : __float2half(0.f);
       }
     }
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const int j = j0 + p;
-    if (j >= I) break;
     float acc[2] = {0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const half* scales = fc1_scales + (e * 2 * I + 2 * j + r) * groups;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int t = 0; t < CPL; ++t) {
-        const int c = lane + t * kWarp;
-        if (c < chunks) acc[r] += dot32_half2(q[p][r][t], xp[t], __half2float(scales[c * 32 / group]));
-      }
-    }
+      for (int t = 0; t < CPL; ++t)
+        if (lane + t * kWarp < chunks) acc[r] += dot32_half2(q[p][r][t], xp[t], __half2float(sc[p][r][t]));
     const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-    if (lane == 0) h[(size_t(m) * k + slot) * I + j] = g / (1.f + __expf(-g)) * u;
+    if (lane == 0) h[(size_t(m) * k + slot) * I + j0 + p] = g / (1.f + __expf(-g)) * u;
   }
 }
 
@@ -183,38 +181,51 @@ __global__ void __launch_bounds__(kWarp* kDownWarps)
       }
     __syncwarp();
   }
-  const int n0 = (blockIdx.x * kDownWarps + warp) * kDownRows;
+  const int n0 = (blockIdx.x * kDownWarps + warp) * kDownRows;  // n0 < H: all kDownRows rows (it divides 32)
   const int chunks = I / 32, groups = I / group, total = k * chunks;
-  uint4 q[kDownRows][kMaxDownLoads];
+  uint4 q[kDownRows][kMaxDownLoads];  // weights and scales, issued before the SwiGLU outputs are staged
+  half sc[kDownRows][kMaxDownLoads];
 #pragma unroll
   for (int r = 0; r < kDownRows; ++r)
 #pragma unroll
     for (int t = 0; t < kMaxDownLoads; ++t) {
-      const int idx = lane + t * kWarp, n = n0 + r;
-      if (idx < total && n < H) {
-        const size_t row = size_t(ids[idx / chunks]) * H + n;
+      const int idx = lane + t * kWarp;
+      if (idx < total && n0 < H) {
+        const size_t row = size_t(ids[idx / chunks]) * H + n0 + r;
         q[r][t] = __ldg(reinterpret_cast<const uint4*>(fc2 + row * (I / 2)) + idx % chunks);
+        sc[r][t] = __ldg(fc2_scales + row * groups + (idx % chunks) * 32 / group);
       }
     }
-  for (int i = threadIdx.x; i < k * I; i += blockDim.x) hs[(i / 32) * 33 + i % 32] = h[size_t(m) * k * I + i];
+  // h[m] (k * I floats, a multiple of 128 bytes) into shared memory: every thread's 16-byte loads first
+  constexpr int kStage = (kMaxDownLoads * kWarp * 32 / 4 + kWarp * kDownWarps - 1) / (kWarp * kDownWarps);
+  const float4* src = reinterpret_cast<const float4*>(h + size_t(m) * k * I);
+  const int n4 = k * I / 4;
+  float4 staged[kStage];
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    const int i4 = threadIdx.x + u * kWarp * kDownWarps;
+    if (i4 < n4) staged[u] = src[i4];
+  }
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    const int i4 = threadIdx.x + u * kWarp * kDownWarps;
+    if (i4 < n4) {
+      float* d = hs + (i4 / 8) * 33 + (i4 % 8) * 4;  // float i = 4 * i4: chunk i / 32, lane i % 32
+      d[0] = staged[u].x, d[1] = staged[u].y, d[2] = staged[u].z, d[3] = staged[u].w;
+    }
+  }
   __syncthreads();
+  if (n0 >= H) return;
 #pragma unroll
   for (int r = 0; r < kDownRows; ++r) {
-    const int n = n0 + r;
-    if (n >= H) break;
     float acc = 0.f;
 #pragma unroll
     for (int t = 0; t < kMaxDownLoads; ++t) {
       const int idx = lane + t * kWarp;
-      if (idx < total) {
-        const int s = idx / chunks, c = idx % chunks;
-        const size_t row = size_t(ids[s]) * H + n;
-        const float scale = __half2float(fc2_scales[row * groups + c * 32 / group]);
-        acc += weights[s] * dot32_float(q[r][t], hs + idx * 33, scale);
-      }
+      if (idx < total) acc += weights[idx / chunks] * dot32_float(q[r][t], hs + idx * 33, __half2float(sc[r][t]));
     }
     acc = warp_sum(acc);
-    if (lane == 0) out[size_t(m) * H + n] = __float2half(acc);
+    if (lane == 0) out[size_t(m) * H + n0 + r] = __float2half(acc);
   }
 }
 

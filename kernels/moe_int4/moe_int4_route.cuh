@@ -79,12 +79,12 @@ __device__ __forceinline__ void rank_experts(const half* logits, int E, int k, i
 #pragma unroll
   for (int jj = 0; jj < EPL; ++jj) {
     if (jj * kWarp >= E) break;
-    for (int src = 0; src < kWarp; ++src) {
+#pragma unroll
+    for (int src = 0; src < kWarp; ++src) {  // unrolled: the broadcasts are independent and overlap
       const int i = jj * kWarp + src;
-      if (i >= E) break;  // the same in every lane
       const float vi = __shfl_sync(0xffffffffu, v[jj], src);
 #pragma unroll
-      for (int j = 0; j < EPL; ++j) slot[j] += (vi > v[j] || (vi == v[j] && i < lane + j * kWarp));
+      for (int j = 0; j < EPL; ++j) slot[j] += i < E && (vi > v[j] || (vi == v[j] && i < lane + j * kWarp));
     }
   }
   float mx = -INFINITY;
