@@ -17,10 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+MOE_FAMILY = "MoE experts (QMoE or MoEInt4)"
 # kernel-name patterns -> op family (first match wins); names differ across ONNX Runtime builds, so the
 # unmatched ones are listed as they are
 FAMILIES: list[tuple[str, str]] = [
-    (r"moe|expert|topk|permute|finalize|grouped|swiglu", "QMoE"),
+    # ONNX Runtime's QMoE kernels, and omniedge's MoEInt4 (kernels/moe_int4/: anonymous-namespace names)
+    (
+        r"moe|expert|topk|permute|finalize|grouped|swiglu|down_weighted_sum|gate_up_gemm|down_gemm|route_count"
+        r"|plan_tiles|namespace\)::scatter",
+        MOE_FAMILY,
+    ),
     (r"flash|xqa|attention|mha|gqa|rotary|concat.*kv|kvcache|copy_kv|unpack", "GroupQueryAttention"),
     (r"nbits|int4|4bit|dequant|blkq|matmulfloatint|gemv|fpa_intb", "MatMulNBits"),
     (r"layernorm|layer_norm|rmsnorm|skip", "Norms"),
@@ -115,7 +121,7 @@ def family_bandwidth(
     kv = float(cost["kv_bytes_per_context_token"]) * context
     float_mm = float(cost.get("float_matmul_bytes", 0))  # absent in bundles exported before it was counted
     nbytes = {
-        "QMoE": float(cost["expert_bytes_per_token"]),
+        MOE_FAMILY: float(cost["expert_bytes_per_token"]),
         "GroupQueryAttention": kv,
         # INT4 dense weights (attention projections, an INT4 lm_head); norms are a rounding error here
         "MatMulNBits": float(cost["dense_bytes"]) - float_mm,
