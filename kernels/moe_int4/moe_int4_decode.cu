@@ -16,7 +16,8 @@
 //
 // Tuning (compile-time; build.py --define): OMNIEDGE_MOE_WARPS / OMNIEDGE_MOE_PAIRS, warps per gate/up block and
 // gate/up row pairs per warp; OMNIEDGE_MOE_DOWN_WARPS / OMNIEDGE_MOE_DOWN_ROWS, warps per down block and output
-// rows per warp.
+// rows per warp; OMNIEDGE_MOE_ROUTE_ONCE=1, the down kernel reads the routing gate/up wrote to scratch instead of
+// ranking the logits in each of its warps (not yet measured: off).
 //
 // Shapes the launcher takes (it returns 1 for any other, launching nothing): H and I multiples of 32 with
 // H <= 4096 and k * I <= 8192, group a multiple of 32 dividing H and I, E <= 256, 1 <= k <= min(E, 32).
@@ -36,6 +37,9 @@
 #endif
 #ifndef OMNIEDGE_MOE_DIAG  // measurement only (moe_kernel_probe.py): 1 loads without arithmetic, 2 no routing
 #define OMNIEDGE_MOE_DIAG 0
+#endif
+#ifndef OMNIEDGE_MOE_ROUTE_ONCE  // 1: gate/up's first block writes the routing, the down kernel reads it
+#define OMNIEDGE_MOE_ROUTE_ONCE 0
 #endif
 #ifndef OMNIEDGE_MOE_DOWN_ROWS
 #define OMNIEDGE_MOE_DOWN_ROWS 1
@@ -111,8 +115,8 @@ __device__ __forceinline__ float dot32_float(uint4 q, const float* x, float scal
 template <int CPL, int EPL>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     gate_up_swiglu(const half* __restrict__ x, const half* __restrict__ logits, const uint8_t* __restrict__ fc1,
-                   const half* __restrict__ fc1_scales, float* __restrict__ h, int E, int k, int H, int I,
-                   int group) {
+                   const half* __restrict__ fc1_scales, float* __restrict__ h, int* __restrict__ route_ids,
+                   float* __restrict__ route_weights, int E, int k, int H, int I, int group) {
   const int m = blockIdx.z, slot = blockIdx.y;
   const int lane = threadIdx.x % kWarp;
   constexpr int P = pairs_for(CPL);
@@ -132,6 +136,15 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #else
   rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
   const size_t e = expert_in_slot<EPL>(ranks, slot);
+#if OMNIEDGE_MOE_ROUTE_ONCE
+  if (blockIdx.x == 0 && slot == 0 && threadIdx.x < kWarp)
+#pragma unroll
+    for (int j = 0; j < EPL; ++j)
+      if (ranks[j] < k) {
+        route_ids[m * k + ranks[j]] = lane + j * kWarp;
+        route_weights[m * k + ranks[j]] = (v[j] == top ? 1.f : __expf(v[j] - top)) / denom;
+      }
+#endif
 #endif
   uint4 q[P][2][CPL];  // the warp's weights and their scales, all loads issued before any arithmetic
   half sc[P][2][CPL];
@@ -180,8 +193,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 template <int EPL>
 __global__ void __launch_bounds__(kWarp* kDownWarps)
     down_weighted_sum(const half* __restrict__ logits, const uint8_t* __restrict__ fc2,
-                      const half* __restrict__ fc2_scales, const float* __restrict__ h, half* __restrict__ out,
-                      int E, int k, int H, int I, int group) {
+                      const half* __restrict__ fc2_scales, const float* __restrict__ h,
+                      const int* __restrict__ route_ids, const float* __restrict__ route_weights,
+                      half* __restrict__ out, int E, int k, int H, int I, int group) {
   extern __shared__ float hs[];  // k * I / 32 chunks x 33 floats
   __shared__ int ids_all[kDownWarps][kMaxTopK];
   __shared__ float weights_all[kDownWarps][kMaxTopK];
@@ -190,6 +204,9 @@ __global__ void __launch_bounds__(kWarp* kDownWarps)
   float* weights = weights_all[warp];
 #if OMNIEDGE_MOE_DIAG == 2
   if (lane < k) ids[lane] = lane, weights[lane] = 1.f / k;
+  __syncwarp();
+#elif OMNIEDGE_MOE_ROUTE_ONCE
+  if (lane < k) ids[lane] = route_ids[m * k + lane], weights[lane] = route_weights[m * k + lane];
   __syncwarp();
 #else
   {
@@ -265,41 +282,49 @@ __global__ void __launch_bounds__(kWarp* kDownWarps)
 
 template <int CPL, int EPL>
 int launch(const half* x, const half* logits, const uint8_t* fc1, const half* fc1_scales, const uint8_t* fc2,
-           const half* fc2_scales, half* out, float* h, int M, int E, int k, int H, int I, int group, cudaStream_t s) {
+           const half* fc2_scales, half* out, float* h, int* ids, float* weights, int M, int E, int k, int H, int I,
+           int group, cudaStream_t s) {
   const int rows_per_block = kWarpsPerBlock * pairs_for(CPL);
   gate_up_swiglu<CPL, EPL><<<dim3((I + rows_per_block - 1) / rows_per_block, k, M), kWarp * kWarpsPerBlock, 0, s>>>(
-      x, logits, fc1, fc1_scales, h, E, k, H, I, group);
+      x, logits, fc1, fc1_scales, h, ids, weights, E, k, H, I, group);
   const size_t smem = size_t(k) * I / 32 * 33 * sizeof(float);
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(down_weighted_sum<EPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)))
     return int(cudaGetLastError());
   const int down_rows = kDownWarps * kDownRows;
   down_weighted_sum<EPL><<<dim3((H + down_rows - 1) / down_rows, 1, M), kWarp * kDownWarps, smem, s>>>(
-      logits, fc2, fc2_scales, h, out, E, k, H, I, group);
+      logits, fc2, fc2_scales, h, ids, weights, out, E, k, H, I, group);
   return int(cudaGetLastError());
 }
 
 template <int CPL>
 int launch_by_experts(const half* x, const half* logits, const uint8_t* fc1, const half* fc1_scales,
-                      const uint8_t* fc2, const half* fc2_scales, half* out, float* h, int M, int E, int k, int H,
-                      int I, int group, cudaStream_t s) {
-  if (E <= 32) return launch<CPL, 1>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
-  if (E <= 64) return launch<CPL, 2>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
-  if (E <= 128) return launch<CPL, 4>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
-  return launch<CPL, 8>(x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, M, E, k, H, I, group, s);
+                      const uint8_t* fc2, const half* fc2_scales, half* out, float* h, int* ids, float* weights, int M,
+                      int E, int k, int H, int I, int group, cudaStream_t s) {
+#define OMNIEDGE_MOE_ARGS x, logits, fc1, fc1_scales, fc2, fc2_scales, out, h, ids, weights, M, E, k, H, I, group, s
+  if (E <= 32) return launch<CPL, 1>(OMNIEDGE_MOE_ARGS);
+  if (E <= 64) return launch<CPL, 2>(OMNIEDGE_MOE_ARGS);
+  if (E <= 128) return launch<CPL, 4>(OMNIEDGE_MOE_ARGS);
+  return launch<CPL, 8>(OMNIEDGE_MOE_ARGS);
+#undef OMNIEDGE_MOE_ARGS
 }
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 }  // namespace
 
 extern "C" {
 
 // Bytes of device scratch the launcher needs for M tokens: the SwiGLU outputs between the two kernels (float32
-// [M, k, I]).
-size_t omniedge_moe_int4_scratch_bytes(int M, int k, int I) { return size_t(M) * k * I * sizeof(float); }
+// [M, k, I]), then room for each token's k expert ids and routing weights (OMNIEDGE_MOE_ROUTE_ONCE).
+size_t omniedge_moe_int4_scratch_bytes(int M, int k, int I) {
+  return align256(size_t(M) * k * I * sizeof(float)) + align256(size_t(M) * k * sizeof(int)) +
+         size_t(M) * k * sizeof(float);
+}
 
 // Queues both kernels on `stream` (a cudaStream_t; null: the default stream). Returns 0 when queued, 1 for
 // shapes the kernels do not take (nothing launched), else the CUDA error of the launch. Pointers are device
-// memory, x 16-byte aligned; scratch holds omniedge_moe_int4_scratch_bytes(M, k, I).
+// memory, x 16-byte aligned; scratch (256-byte aligned) holds omniedge_moe_int4_scratch_bytes(M, k, I).
 int omniedge_moe_int4_decode(const void* x, const void* logits, const void* fc1, const void* fc1_scales,
                              const void* fc2, const void* fc2_scales, void* out, void* scratch, int M, int E,
                              int k, int H, int I, int group, void* stream) {
@@ -314,10 +339,13 @@ int omniedge_moe_int4_decode(const void* x, const void* logits, const void* fc1,
   const uint8_t* w2 = static_cast<const uint8_t*>(fc2);
   const half* s2 = static_cast<const half*>(fc2_scales);
   half* o = static_cast<half*>(out);
-  float* h = static_cast<float*>(scratch);
-  if (H <= 1024) return launch_by_experts<1>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
-  if (H <= 2048) return launch_by_experts<2>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
-  return launch_by_experts<4>(xh, lg, w1, s1, w2, s2, o, h, M, E, k, H, I, group, s);
+  char* base = static_cast<char*>(scratch);  // 256-byte aligned
+  float* h = reinterpret_cast<float*>(base);
+  int* ids = reinterpret_cast<int*>(base + align256(size_t(M) * k * I * sizeof(float)));
+  float* weights = reinterpret_cast<float*>(reinterpret_cast<char*>(ids) + align256(size_t(M) * k * sizeof(int)));
+  if (H <= 1024) return launch_by_experts<1>(xh, lg, w1, s1, w2, s2, o, h, ids, weights, M, E, k, H, I, group, s);
+  if (H <= 2048) return launch_by_experts<2>(xh, lg, w1, s1, w2, s2, o, h, ids, weights, M, E, k, H, I, group, s);
+  return launch_by_experts<4>(xh, lg, w1, s1, w2, s2, o, h, ids, weights, M, E, k, H, I, group, s);
 }
 
 }  // extern "C"
