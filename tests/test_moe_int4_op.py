@@ -79,6 +79,27 @@ def test_a_runtime_without_the_library_says_where_it_looked_and_how_to_build_it(
     assert "build.py" in (err.value.fix or "") and "--moe-kernel qmoe" in (err.value.fix or "")
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--define", "WARPS=8"], "is not a tuning macro"),
+        (["--define", "OMNIEDGE_MOE_WARPS=eight"], "is not a tuning macro"),
+        ([], "onnxruntime_c_api.h not found"),
+    ],
+)
+def test_the_build_refuses_bad_input_with_the_fix(args: list[str], says: str, tmp_path: Path) -> None:
+    build = [
+        sys.executable,
+        str(ROOT / "kernels/moe_int4/build.py"),
+        "--cpu-only",
+        "--ort-include",
+        str(tmp_path),
+    ]
+    r = subprocess.run([*build, *args, "-o", str(tmp_path / "lib.so")], capture_output=True, text=True)
+    assert r.returncode == 2 and says in r.stderr and "fix:" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "lib.so").exists()
+
+
 def test_graphs_the_op_cannot_express_are_refused(checkpoint: Path, tmp_path: Path) -> None:
     from omniedge.export.bundle import export_bundle
 
