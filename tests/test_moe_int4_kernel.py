@@ -23,7 +23,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> Any:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available() or shutil.which("nvcc") is None:
         pytest.skip("needs a CUDA GPU and nvcc")
-    path = Path(__file__).resolve().parents[1] / "bench" / "h200" / "moe_kernel_probe.py"
+    path = Path(__file__).resolve().parents[1] / "bench" / "h200" / "moe_kernel_lib.py"
     mod = SimpleNamespace(**runpy.run_path(str(path)))
     mod.fused = mod.FusedMoE(mod.build(tmp_path_factory.mktemp("moe_int4")))
     return mod
