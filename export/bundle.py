@@ -18,7 +18,7 @@ from typing import Any
 from omniedge.atomic import atomic_dir, atomic_write_json
 from omniedge.checkpoint import check_checkpoint_dir, file_sha256, read_meta
 from omniedge.errors import OmniedgeError
-from omniedge.export.thinker_spec import MOE_INT4_LIBRARY, MOE_KERNELS
+from omniedge.export.thinker_spec import MOE_KERNELS, custom_ops_of
 from omniedge.outputs import BUNDLE, check_replaceable
 
 SCHEMA_VERSION = 2  # must equal omniedge.runtime.manifest.SCHEMA_VERSION
@@ -307,7 +307,7 @@ def export_bundle(
                 "decode_cost": cost or None,
                 "fused_qk_norm": fused_qk_norm,
                 "moe_kernel": moe_kernel,
-                "custom_ops": [MOE_INT4_LIBRARY] if moe_kernel == "omniedge" else [],
+                "custom_ops": custom_ops_of(moe_kernel),
             },
             "components": components,
         }

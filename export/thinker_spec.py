@@ -83,6 +83,11 @@ MOE_INT4_OP = "MoEInt4"
 MOE_INT4_LIBRARY = "omniedge_moe_int4"  # the library's name in a manifest's thinker_graph.custom_ops
 
 
+def custom_ops_of(moe_kernel: str) -> list[str]:
+    """The custom-op libraries a thinker graph with this MoE kernel needs (manifest thinker_graph.custom_ops)."""
+    return [MOE_INT4_LIBRARY] if moe_kernel == "omniedge" else []
+
+
 @dataclass
 class Options:
     """How to build: activation dtype (float16 on GPU: ONNX Runtime's CUDA attention has no float32),

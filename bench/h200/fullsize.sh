@@ -9,6 +9,7 @@ SFX=${VARIANT:+-$VARIANT}
 RECIPE=qwen3-omni-30b-prune50-int4$SFX.yaml CKPT=$W/full-int4$SFX BUNDLE=$W/full-bundle$SFX
 mkdir -p "$W" "$OUT" /root/site
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 OMNIEDGE_HOME=$W/home PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+export OMNIEDGE_OPS_DIR=$W/lib  # where moe-build puts the MoEInt4 library and the runtime finds it
 # omniedge itself, from this tree, no dependencies fetched (the machine has no network; its image has them)
 # SKIP_INSTALL=1: keep the installed copy (a background job of an earlier call may be importing from it)
 [ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /root/site . \
@@ -133,22 +134,23 @@ PY
       # against the roofline and QMoE; the fastest variant's macros kept for moe-build ($W/moe-defines)
       timeout 400 python3 bench/h200/moe_kernel_probe.py --json $OUT/moe-probe${PROBE_TAG:-}.json \
         $(cat $W/moe-defines 2>/dev/null) ${MOE_VARIANTS:+--variants $MOE_VARIANTS} 2>&1 | grep -v Warn | tail -24
-      python3 -c "import json; print(' '.join('--define ' + d for d in json.load(open('$OUT/moe-probe${PROBE_TAG:-}.json')).get('best_defines', [])))" \
-        > $W/moe-defines.new 2>/dev/null && [ -n "${MOE_VARIANTS:-}" ] && mv $W/moe-defines.new $W/moe-defines; cat $W/moe-defines 2>/dev/null ;;
+      [ -z "${MOE_VARIANTS:-}" ] || python3 -c "import json; print(' '.join('--define ' + d for d in \
+        json.load(open('$OUT/moe-probe${PROBE_TAG:-}.json'))['best_defines']))" > $W/moe-defines
+      cat $W/moe-defines 2>/dev/null ;;
     moe-build)  # the op library (carry .ortinclude: ONNX Runtime's C header) and the bundle with MoEInt4 over the
       # same weights file, its logits against QMoE's on one prompt (graph_variant.py)
       # (a wheel-chunk call cannot carry the header beside its chunk: keep-ortinclude copied it to $W earlier)
       inc=.ortinclude; [ -d $inc ] || inc=$W/ortinclude
       python3 kernels/moe_int4/build.py --ort-include $inc --arch 90 $(cat $W/moe-defines 2>/dev/null) \
         -o $W/lib/libomniedge_moe_int4.so &&
-      OMNIEDGE_OPS_DIR=$W/lib timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe \
+      timeout 300 python3 bench/h200/graph_variant.py $CKPT $BUNDLE $BUNDLE-moe \
         --moe-kernel omniedge --json $OUT/moe-variant$SFX.json 2>&1 | grep -v Warn | tail -4 ;;
     moe-sweep)  # decode/TTFT of the two bundles in interleaved rounds (kernel_sweep.py), each its own process
-      OMNIEDGE_OPS_DIR=$W/lib timeout ${SWEEP_TIMEOUT:-420} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 \
+      timeout ${SWEEP_TIMEOUT:-420} python3 bench/h200/kernel_sweep.py $BUNDLE --contexts 512 4096 \
         --new-tokens 64 --runs 2 --rounds ${ROUNDS:-3} --only "runtime defaults" \
         --combine "omniedge MoE kernel=@bundle=$BUNDLE-moe" --json $OUT/sweep-moe$SFX.json 2>&1 | grep -v Warn ;;
     moe-report)  # the MoEInt4 bundle's full report with ONNX Runtime's profile (where the time goes now)
-      OMNIEDGE_OPS_DIR=$W/lib timeout ${REPORT_TIMEOUT:-400} python3 -m omniedge.bench.thinker_report $BUNDLE-moe \
+      timeout ${REPORT_TIMEOUT:-400} python3 -m omniedge.bench.thinker_report $BUNDLE-moe \
         --providers cuda --contexts 512 4096 --new-tokens 128 --runs 3 --profile --json $OUT/full-report-moe$SFX.json \
         2>&1 | grep -v Warn | tail -30 ;;
     *) echo "unknown stage $stage"; exit 2 ;;

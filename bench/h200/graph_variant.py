@@ -19,7 +19,7 @@ import numpy as np
 
 from omniedge.export.onnx_io import component_record
 from omniedge.export.thinker_ort import Options, export_thinker_ort
-from omniedge.export.thinker_spec import MOE_INT4_LIBRARY
+from omniedge.export.thinker_spec import MOE_KERNELS, custom_ops_of
 from omniedge.runtime.app import Omni
 from omniedge.weights import SafetensorsDir
 
@@ -35,7 +35,7 @@ def make_variant(src: Path, a: Path, b: Path, opts: Options) -> None:
     export_thinker_ort(SafetensorsDir(src), cfg, b / "thinker.onnx", nd, opts, False, a / "thinker.onnx")
     m["components"]["thinker"] = component_record(b / "thinker.onnx", b)
     m["thinker_graph"].update(fused_qk_norm=opts.fused_qk_norm, moe_kernel=opts.moe_kernel)
-    m["thinker_graph"]["custom_ops"] = [MOE_INT4_LIBRARY] if opts.moe_kernel == "omniedge" else []
+    m["thinker_graph"]["custom_ops"] = custom_ops_of(opts.moe_kernel)
     if opts.fused_qk_norm:
         m["thinker_graph"]["providers"] = ["CUDAExecutionProvider"]
     (b / "manifest.json").write_text(json.dumps(m))
@@ -71,9 +71,7 @@ def main() -> None:
     p.add_argument("bundle", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--qk-norm", choices=["fused", "separate"], default=None, help="default: as the bundle's")
-    p.add_argument(
-        "--moe-kernel", choices=["qmoe", "omniedge"], default=None, help="default: as the bundle's"
-    )
+    p.add_argument("--moe-kernel", choices=MOE_KERNELS, default=None, help="default: as the bundle's")
     p.add_argument("--providers", default="cuda")
     p.add_argument("--json", type=Path)
     a = p.parse_args()

@@ -129,21 +129,16 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const int c = lane + t * kWarp;
     if (c < chunks) load_pairs(x + size_t(m) * H, c, xp[t]);
   }
-  int ranks[EPL];
-  float v[EPL], top, denom;
 #if OMNIEDGE_MOE_DIAG == 2
   const size_t e = slot;
 #else
+  int ranks[EPL];
+  float v[EPL], top, denom;  // top, denom: for OMNIEDGE_MOE_ROUTE_ONCE only (else the compiler drops them)
   rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
   const size_t e = expert_in_slot<EPL>(ranks, slot);
 #if OMNIEDGE_MOE_ROUTE_ONCE
   if (blockIdx.x == 0 && slot == 0 && threadIdx.x < kWarp)
-#pragma unroll
-    for (int j = 0; j < EPL; ++j)
-      if (ranks[j] < k) {
-        route_ids[m * k + ranks[j]] = lane + j * kWarp;
-        route_weights[m * k + ranks[j]] = (v[j] == top ? 1.f : __expf(v[j] - top)) / denom;
-      }
+    write_route<EPL>(ranks, v, top, denom, k, route_ids + m * k, route_weights + m * k);
 #endif
 #endif
   uint4 q[P][2][CPL];  // the warp's weights and their scales, all loads issued before any arithmetic
@@ -209,18 +204,7 @@ __global__ void __launch_bounds__(kWarp* kDownWarps)
   if (lane < k) ids[lane] = route_ids[m * k + lane], weights[lane] = route_weights[m * k + lane];
   __syncwarp();
 #else
-  {
-    int ranks[EPL];
-    float v[EPL], top, denom;
-    rank_experts<EPL>(logits + size_t(m) * E, E, k, ranks, v, top, denom);
-#pragma unroll
-    for (int j = 0; j < EPL; ++j)
-      if (ranks[j] < k) {
-        ids[ranks[j]] = lane + j * kWarp;
-        weights[ranks[j]] = (v[j] == top ? 1.f : __expf(v[j] - top)) / denom;
-      }
-    __syncwarp();
-  }
+  route_warp<EPL>(logits + size_t(m) * E, E, k, ids, weights);
 #endif
   const int n0 = (blockIdx.x * kDownWarps + warp) * kDownRows;  // n0 < H: all kDownRows rows (it divides 32)
   const int chunks = I / 32, groups = I / group, total = k * chunks;

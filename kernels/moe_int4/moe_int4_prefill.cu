@@ -78,17 +78,19 @@ inline Plan carve(void* scratch, int M, int E, int k, int H, int I) {
   return s;
 }
 
+// One warp a token: its routing into the plan, and its experts' row counts.
+template <int EPL>
 __global__ void route_count(const half* logits, Plan s, int E, int k) {
-  __shared__ int ids[kMaxTopK];
-  __shared__ float weights[kMaxTopK];
   const int m = blockIdx.x;
-  route(logits + size_t(m) * E, E, k, ids, weights);
-  __syncwarp();
-  if (threadIdx.x < k) {
-    s.ids[m * k + threadIdx.x] = ids[threadIdx.x];
-    s.weights[m * k + threadIdx.x] = weights[threadIdx.x];
-    atomicAdd(s.counts + ids[threadIdx.x], 1);
-  }
+  route_warp<EPL>(logits + size_t(m) * E, E, k, s.ids + m * k, s.weights + m * k);
+  if (threadIdx.x < k) atomicAdd(s.counts + s.ids[m * k + threadIdx.x], 1);
+}
+
+void launch_route_count(const half* logits, const Plan& s, int M, int E, int k, cudaStream_t st) {
+  if (E <= 32) route_count<1><<<M, kWarp, 0, st>>>(logits, s, E, k);
+  else if (E <= 64) route_count<2><<<M, kWarp, 0, st>>>(logits, s, E, k);
+  else if (E <= 128) route_count<4><<<M, kWarp, 0, st>>>(logits, s, E, k);
+  else route_count<8><<<M, kWarp, 0, st>>>(logits, s, E, k);
 }
 
 __global__ void plan_tiles(Plan s, int E) {
@@ -245,7 +247,7 @@ int omniedge_moe_int4_prefill(const void* x, const void* logits, const void* fc1
   const Plan s = carve(scratch, M, E, k, H, I);
   const int mk = M * k, mt = max_tiles(M, E, k);
   if (const cudaError_t rc = cudaMemsetAsync(s.counts, 0, E * sizeof(int), st)) return int(rc);
-  route_count<<<M, 32, 0, st>>>(static_cast<const half*>(logits), s, E, k);
+  launch_route_count(static_cast<const half*>(logits), s, M, E, k, st);
   plan_tiles<<<1, 32, 0, st>>>(s, E);
   scatter<<<(mk + 255) / 256, 256, 0, st>>>(s, mk);
   gate_up_gemm<<<dim3(mt, 2 * I / kTile), kThreads, 0, st>>>(

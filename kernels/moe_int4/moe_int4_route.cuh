@@ -1,5 +1,6 @@
 // What the decode and prefill kernels share: a token's top-k router logits and the softmax over them (QMoE's
-// routing, = Qwen3's softmax -> top-k -> renormalise), and the INT4 codes of a 32-bit word as float16.
+// routing, = Qwen3's softmax -> top-k -> renormalise; ties to the lower index, NaN as -inf), one warp a token,
+// and the INT4 codes of a 32-bit word as float16.
 #pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -10,57 +11,13 @@ constexpr int kWarp = 32;
 constexpr int kMaxExperts = 256;
 constexpr int kMaxTopK = 32;
 
-constexpr int kNoExpert = 0x7fffffff;
-
 // A 32-bit word's two float16 halves (low half first), without type punning.
 __device__ __forceinline__ half2 as_half2(uint32_t bits) {
   return __halves2half2(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)),
                         __ushort_as_half(static_cast<unsigned short>(bits >> 16)));
 }
 
-// Top-k of one token's E logits, softmax over those k, computed by warp 0 of the block into shared
-// memory. Ties go to the lower expert index. A NaN logit ranks as -inf, and chosen experts are marked apart
-// from their values, so every id is a valid, distinct expert whatever the logits hold (k <= E); if the
-// largest chosen logit is -inf the k weights are equal. The caller's __syncthreads publishes them.
-__device__ void route(const half* logits, int E, int k, int* ids, float* weights) {
-  if (threadIdx.x >= kWarp) return;
-  const int lane = threadIdx.x;
-  constexpr int kPerLane = kMaxExperts / kWarp;
-  float v[kPerLane];
-  unsigned taken = 0;  // bit j: expert lane + 32 j is chosen
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int e = lane + j * kWarp;
-    const float f = e < E ? __half2float(logits[e]) : -INFINITY;
-    v[j] = f == f ? f : -INFINITY;
-  }
-  float top = 0.f, denom = 0.f;
-  for (int t = 0; t < k; ++t) {
-    float best = -INFINITY;
-    int best_e = kNoExpert;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int e = lane + j * kWarp;
-      if (e < E && !((taken >> j) & 1u) && (best_e == kNoExpert || v[j] > best)) best = v[j], best_e = e;
-    }
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {  // every lane ends with the same (best, best_e)
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (oe != kNoExpert && (best_e == kNoExpert || ob > best || (ob == best && oe < best_e))) best = ob, best_e = oe;
-    }
-    if (t == 0) top = best;
-    const float w = best == top ? 1.f : __expf(best - top);
-    denom += w;
-    if (lane == 0) ids[t] = best_e, weights[t] = w;
-    if (lane == best_e % kWarp) taken |= 1u << (best_e / kWarp);
-  }
-  __syncwarp();
-  if (lane < k) weights[lane] /= denom;
-}
-
-// The same routing computed by every warp on its own, with no block-wide barrier (the decode kernels): each
-// lane holds EPL logits (experts lane, lane + 32, ...; E <= 32 * EPL), counts how many of the E logits beat
+// A token's routing, computed by one warp with no block-wide barrier: each lane holds EPL logits (experts lane, lane + 32, ...; E <= 32 * EPL), counts how many of the E logits beat
 // each of them (larger, or equal at a lower index: ties to the lower index, NaN as -inf) from E broadcasts
 // (independent shuffles, not k dependent reductions), and the experts ranked below k are the top-k, slot =
 // rank. Returns, per lane, the slot of each of its experts (k or more: not chosen); `top` gets the largest
@@ -112,6 +69,30 @@ __device__ __forceinline__ int expert_in_slot(const int (&slot)[EPL], int want) 
     if (hit) e = j * kWarp + __ffs(hit) - 1;
   }
   return e;
+}
+
+// rank_experts' result as the token's top-k expert ids and softmax weights (ids[slot], weights[slot], slot 0
+// the largest logit), written by the warp's lanes into `ids` / `weights` (shared or global memory).
+template <int EPL>
+__device__ __forceinline__ void write_route(const int (&ranks)[EPL], const float (&v)[EPL], float top, float denom,
+                                            int k, int* ids, float* weights) {
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int j = 0; j < EPL; ++j)
+    if (ranks[j] < k) {
+      ids[ranks[j]] = lane + j * kWarp;
+      weights[ranks[j]] = (v[j] == top ? 1.f : __expf(v[j] - top)) / denom;
+    }
+}
+
+// A token's routing by the calling warp into `ids` / `weights`, published to the warp (__syncwarp).
+template <int EPL>
+__device__ __forceinline__ void route_warp(const half* logits, int E, int k, int* ids, float* weights) {
+  int ranks[EPL];
+  float v[EPL], top, denom;
+  rank_experts<EPL>(logits, E, k, ranks, v, top, denom);
+  write_route<EPL>(ranks, v, top, denom, k, ids, weights);
+  __syncwarp();
 }
 
 // Codes n and 4 + n of a word of 8 (bits 4n.. and 16 + 4n..; omniedge/int4.py: low nibble first, zero point 8)
