@@ -198,12 +198,15 @@ def test_modality_counts() -> None:
         "text": 16,
         "image": 8,
         "audio": 8,
+        "image+audio": 0,
     }
     assert modality_counts(5, {"text": 1.0, "image": 0.0, "audio": 0.0}) == {
         "text": 5,
         "image": 0,
         "audio": 0,
+        "image+audio": 0,
     }
+    assert modality_counts(8, {"text": 0.5, "audio": 0.25, "image+audio": 0.25})["image+audio"] == 2
     assert sum(modality_counts(7, {"text": 0.5, "image": 0.25, "audio": 0.25}).values()) == 7
 
 
@@ -520,7 +523,7 @@ def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
 
     pytest.importorskip("soundfile")
     from omniedge.compress.calibration import get_source
-    from omniedge.compress.calibration_data import ASR_PROMPT
+    from omniedge.compress.calibration_data import ASR_PROMPT, MIXED_PROMPT
     from omniedge.data.build import build_dataset, load_split
 
     source = get_source("omni-mini-data-small")
@@ -533,6 +536,18 @@ def test_omni_mini_data_calibration_source_draws_real_training_rows() -> None:
     assert all(r.image is not None and r.image.dtype == np.uint8 and r.image.ndim == 3 for r in images)
     assert all(r.prompt == ASR_PROMPT and r.audio is not None and r.audio.size > 8000 for r in audio)
     assert {r.kind for r in images} == {"image"} and {r.kind for r in audio} == {"audio"}
+    spoken = source("image+audio", 2, {}, rng, "calibration")  # spoken questions about an image
+    assert {r.kind for r in spoken} == {"image+audio"}
+    assert all(r.prompt == MIXED_PROMPT and r.audio.size > 8000 and r.image.ndim == 3 for r in spoken)
+
+
+def test_a_source_without_a_request_kind_says_so() -> None:
+    from omniedge.compress.calibration import build_requests
+
+    settings = validate_recipe({"stages": []})["calibration"]  # the builtin source
+    with pytest.raises(OmniedgeError, match=r"no image\+audio requests") as e:
+        build_requests(settings, {"text": 1, "image+audio": 1}, "calibration")
+    assert "mix image+audio to 0" in (e.value.fix or "")
 
 
 def test_report_shows_each_layer(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from omniedge.errors import OmniedgeError
-from omniedge.models.family import MODALITIES, SPECIAL_TOKENS, thinker_parts
+from omniedge.models.family import REQUEST_KINDS, SPECIAL_TOKENS, thinker_parts
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
 SAMPLE_RATE = 16_000
@@ -34,12 +34,14 @@ class Request:
 
     @property
     def kind(self) -> str:
+        """One of REQUEST_KINDS: what the request carries besides text."""
         parts = [m for m, x in (("image", self.image), ("audio", self.audio)) if x is not None]
         return "+".join(parts) or "text"
 
 
-# A source makes `n` requests of one modality ("text", "image", "audio") of one split ("calibration" or
-# "heldout") from the calibration settings: source(kind, n, settings, rng, split).
+# A source makes `n` requests of one kind (REQUEST_KINDS: "text", "image", "audio", "image+audio") of one split
+# ("calibration" or "heldout") from the calibration settings: source(kind, n, settings, rng, split). A source
+# without requests of a kind raises an OmniedgeError that says so.
 Source = Callable[[str, int, dict[str, Any], np.random.Generator, str], list[Request]]
 SPLITS = ("calibration", "heldout")
 _SOURCES: dict[str, Source] = {}
@@ -62,15 +64,16 @@ def get_source(name: str) -> Source:
 
 
 def modality_counts(samples: int, mix: dict[str, float]) -> dict[str, int]:
-    """Split `samples` over modalities by the recipe's mix (largest remainder, every share > 0 gets >= 1)."""
+    """Split `samples` over request kinds (REQUEST_KINDS) by the recipe's mix (largest remainder, every
+    share > 0 gets >= 1)."""
     total = sum(mix.values())
-    want = {m: samples * mix.get(m, 0.0) / total for m in MODALITIES}
-    counts = {m: int(want[m]) for m in MODALITIES}
-    for m in sorted(MODALITIES, key=lambda m: want[m] - counts[m], reverse=True):
+    want = {m: samples * mix.get(m, 0.0) / total for m in REQUEST_KINDS}
+    counts = {m: int(want[m]) for m in REQUEST_KINDS}
+    for m in sorted(REQUEST_KINDS, key=lambda m: want[m] - counts[m], reverse=True):
         if sum(counts.values()) >= samples:
             break
         counts[m] += 1
-    for m in MODALITIES:
+    for m in REQUEST_KINDS:
         if mix.get(m, 0.0) > 0 and counts[m] == 0:
             counts[m] = 1
     return counts
@@ -187,11 +190,12 @@ def encode_request(req: Request, tokenizer: Any, model: Any, max_tokens: int) ->
 
 
 def build_requests(settings: dict[str, Any], counts: dict[str, int], split: str) -> list[Request]:
-    """`counts[kind]` requests of each modality from the recipe's source, deterministic for its seed."""
+    """`counts[kind]` requests of each kind (REQUEST_KINDS) from the recipe's source, deterministic for its
+    seed."""
     rng = np.random.default_rng([settings["seed"], SPLITS.index(split)])
     source = get_source(settings["source"])
     out: list[Request] = []
-    for kind in MODALITIES:
+    for kind in REQUEST_KINDS:
         n = counts.get(kind, 0)
         if n:
             got = source(kind, n, settings, rng, split)

@@ -244,7 +244,10 @@ def builtin_requests(
                 tone, desc = synth_tone(float(settings["audio_seconds"]), rng)
                 out.append(Request("What do you hear?", desc, audio=tone))
         else:
-            raise OmniedgeError(f"unknown modality {kind!r}", "use text, image or audio")
+            raise OmniedgeError(
+                f"the builtin calibration source has no {kind} requests",
+                f"set calibration.mix {kind} to 0, or use source omni-mini-data",
+            )
     return out
 
 

@@ -1,7 +1,7 @@
 """Calibration requests drawn from the omni-mini data set: its train split for calibration, its test split
-for the held-out requests. The model's own real text, images and speech, so pruning keeps the experts those
-inputs use (recipe: `calibration.source: omni-mini-data`, or `omni-mini-data-small` for the
-seconds-to-build subset)."""
+for the held-out requests. The model's own real text, images, speech and spoken questions about images
+(`mix: {image+audio: ...}`), so pruning keeps the experts those inputs use (recipe: `calibration.source:
+omni-mini-data`, or `omni-mini-data-small` for the seconds-to-build subset)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from omniedge.compress.calibration import SAMPLE_RATE, Request, register_source
 from omniedge.errors import OmniedgeError
-from omniedge.prompts import ASR_PROMPT  # the prompt omni-mini was trained with
+from omniedge.prompts import ASR_PROMPT, MIXED_PROMPT  # the prompts omni-mini was trained with
 
 TEXT_CHARS = 1200  # a calibration text request: the first characters of a document
 
@@ -44,8 +44,13 @@ def dataset_requests(
         for row in _pick(load_split(root, "speech", part), n, rng, "speech"):
             wav = load_audio(root / row["audio"], SAMPLE_RATE, max_seconds=30)
             out.append(Request(ASR_PROMPT, row["text"], audio=wav))
+    elif kind == "image+audio":  # a spoken question about an image (the data set's `mixed` task)
+        for row in _pick(load_split(root, "mixed", part), n, rng, "spoken-question"):
+            wav = load_audio(root / row["audio"], SAMPLE_RATE, max_seconds=30)
+            image = load_image(root / row["image"])
+            out.append(Request(row.get("prompt") or MIXED_PROMPT, row["answer"], image=image, audio=wav))
     else:
-        raise OmniedgeError(f"unknown modality {kind!r}", "use text, image or audio")
+        raise OmniedgeError(f"unknown request kind {kind!r}", "use text, image, audio or image+audio")
     return out
 
 

@@ -8,8 +8,8 @@ experts sees only the tokens the (pruned) router sends to it: gate_up_proj their
 down_proj act(gate) * up of those rows, computed with the layer's float weights of that moment.
 
 When a stage asks for it (`reconstruct` fits to it), the teacher's MoE output of those rows, each row's
-modality and the squared norm of the residual stream after the MoE (h + y: what the next layer's RMSNorm
-divides by) are kept too.
+modality, the kind of request it belongs to, and the squared norm of the residual stream after the MoE
+(h + y: what the next layer's RMSNorm divides by) are kept too.
 
 Memory: the kept rows are tokens x (2 hidden + heads x head_dim) values in the compute dtype, one hidden more
 with the MoE output (for the 30B recipe: 0.37 M tokens x 8,192 x 2 bytes = 6 GB, 7.6 GB with the output, at
@@ -53,6 +53,7 @@ class LayerInputs:
             "moe": [],
             "moe_out": [],
             "modality": [],
+            "request": [],
             "resid_sq": [],
         }
 
@@ -78,20 +79,32 @@ class LayerInputs:
                 h.remove()
 
     def add_moe(
-        self, x: torch.Tensor, y: torch.Tensor, modality: torch.Tensor, resid_sq: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        modality: torch.Tensor,
+        resid_sq: torch.Tensor | None = None,
+        request: torch.Tensor | None = None,
     ) -> None:
         """The MoE block's input rows, the teacher's output for them (before any stage changed it), each
-        row's modality (0 text, 1 image, 2 audio) and ||h + y||^2 of its residual stream after the MoE."""
+        row's modality (0 text, 1 image, 2 audio), ||h + y||^2 of its residual stream after the MoE, and the
+        kind of request each row comes from (its index in family.REQUEST_KINDS)."""
         self.rows["moe"].append(x)
         if self.moe_output:
             self.rows["moe_out"].append(y)
             self.rows["modality"].append(modality)
+            if request is not None:
+                self.rows["request"].append(request)
             if resid_sq is not None:
                 self.rows["resid_sq"].append(resid_sq)
 
     def residual_sq(self) -> torch.Tensor | None:
         """||h + y||^2 [T] of every calibration token (None when not recorded)."""
         return self._all("resid_sq") if self.rows["resid_sq"] else None
+
+    def request_kinds(self) -> torch.Tensor | None:
+        """Each calibration token's request kind [T] (family.REQUEST_KINDS; None when not recorded)."""
+        return self._all("request") if self.rows["request"] else None
 
     def moe_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs [T, H], the teacher's MoE outputs [T, H], modalities [T]) of every calibration token."""

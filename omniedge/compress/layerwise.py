@@ -23,6 +23,7 @@ from omniedge.compress.layer_inputs import LayerInputs
 from omniedge.compress.moe import LayerStats, moe_forward
 from omniedge.compress.skeleton import LayerInput, ThinkerSkeleton, add_deepstack
 from omniedge.compress.stages import LayerWork, Stage
+from omniedge.models.family import REQUEST_KINDS
 from omniedge.weights import layer_prefix
 
 MOE_BATCH_TOKENS = 1 << 16  # tokens per batched MoE call: bounds the activations held at once
@@ -35,7 +36,12 @@ class Sample:
     x: LayerInput
     ids: torch.Tensor  # [S] int64
     modality: torch.Tensor  # [S] int64: 0 text, 1 image, 2 audio
-    kind: str
+    kind: str  # the request's kind (family.REQUEST_KINDS: text, image, audio, image+audio)
+
+    @property
+    def request(self) -> int:
+        """The request's kind as a number (its index in REQUEST_KINDS)."""
+        return REQUEST_KINDS.index(self.kind)
 
     @property
     def length(self) -> int:
@@ -101,6 +107,7 @@ def run_layer(
             x = torch.cat(rec.rows)
             rec.rows.clear()
             modality = torch.cat([samples[i].modality for i in group]).to(x.device)
+            request = torch.cat([torch.full_like(samples[i].modality, samples[i].request) for i in group])
             e = block.experts
             moe = moe_forward(
                 x,
@@ -125,7 +132,7 @@ def run_layer(
                     resid_sq = torch.cat(
                         [o.reshape(-1, o.shape[-1]).float().square().sum(-1) for o in out[-len(group) :]]
                     )
-                inputs.add_moe(x, moe, modality, resid_sq)
+                inputs.add_moe(x, moe, modality, resid_sq, request.to(x.device))
     return out
 
 

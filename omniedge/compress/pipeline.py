@@ -129,7 +129,8 @@ def model_facts(text_config: Any) -> Any:
     step = int(getattr(text_config, "decoder_sparse_step", 1) or 1)
     experts = int(text_config.num_experts)
     moe = tuple(i for i in range(layers) if i not in only and experts > 0 and (i + 1) % step == 0)
-    return ModelFacts(experts, int(text_config.num_experts_per_tok), moe, bool(text_config.norm_topk_prob))
+    top_k, normalise = int(text_config.num_experts_per_tok), bool(text_config.norm_topk_prob)
+    return ModelFacts(experts, top_k, moe, normalise, num_layers=layers)
 
 
 def make_stages(recipe: dict[str, Any], text_config: Any) -> list[Any]:
@@ -161,7 +162,7 @@ def _encode(sk: Any, tokenizer: Any, requests: list[Any], max_tokens: int) -> li
 
 
 def _describe(settings: dict[str, Any], samples: list[Any], kind: str) -> dict[str, Any]:
-    from omniedge.compress.calibration import MODALITIES
+    from omniedge.models.family import MODALITIES
 
     kinds: dict[str, int] = {}
     tokens = dict.fromkeys(MODALITIES, 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omniedge.errors import OmniedgeError
-from omniedge.models.family import MODALITIES
+from omniedge.models.family import REQUEST_KINDS
 
 DEFAULT_RECIPE_PATH = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 
@@ -34,7 +34,8 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {
     "samples": 32,
     "max_tokens": 256,
     "seed": 0,
-    "mix": {"text": 0.5, "image": 0.25, "audio": 0.25},
+    # shares of the calibration requests per kind (REQUEST_KINDS; image+audio: a spoken question about an image)
+    "mix": {"text": 0.5, "image": 0.25, "audio": 0.25, "image+audio": 0.0},
     "image_size": 128,
     "audio_seconds": 3.0,
 }
@@ -115,8 +116,8 @@ def _calibration(c: Any) -> dict[str, Any]:
     out["samples"] = as_int(out["samples"], f"{where}.samples")
     out["max_tokens"] = as_int(out["max_tokens"], f"{where}.max_tokens", lo=8)
     out["seed"] = as_int(out["seed"], f"{where}.seed", lo=0)
-    mix = check_keys(out["mix"], MODALITIES, f"{where}.mix")
-    mix = {m: as_float(mix.get(m, 0.0), f"{where}.mix.{m}", 0.0, 1.0, lo_open=False) for m in MODALITIES}
+    mix = check_keys(out["mix"], REQUEST_KINDS, f"{where}.mix")
+    mix = {m: as_float(mix.get(m, 0.0), f"{where}.mix.{m}", 0.0, 1.0, lo_open=False) for m in REQUEST_KINDS}
     if sum(mix.values()) <= 0:
         raise recipe_error(f"{where}.mix", "all shares are zero", "give text, image or audio a share > 0")
     out["mix"] = mix

@@ -35,6 +35,7 @@ from omniedge.compress.layer_inputs import CHUNK_ROWS
 from omniedge.compress.moe import route
 from omniedge.compress.recipe import as_bool, as_choice, as_float, as_int, check_keys
 from omniedge.compress.stages import LayerWork, ModelFacts, Stage
+from omniedge.models.family import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ReconstructSettings:
     steps: int = 400  # fit: block: Adam steps (the weights with the lowest held-out error are kept)
     lr: float = 3e-4  # fit: block: Adam's learning rate
     batch_tokens: int = 4096  # fit: block: calibration tokens per step
+    last_layer: str = "all"  # text: the last decoder layer fits text positions only (LAST_LAYER_ROWS)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "reconstruct") -> ReconstructSettings:
@@ -62,6 +64,7 @@ class ReconstructSettings:
             steps=as_int(d["steps"], f"{where}.steps"),
             lr=as_float(d["lr"], f"{where}.lr", 1e-7, 1.0),
             batch_tokens=as_int(d["batch_tokens"], f"{where}.batch_tokens"),
+            last_layer=as_choice(d["last_layer"], f"{where}.last_layer", LAST_LAYER_ROWS),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +73,13 @@ class ReconstructSettings:
 
 TOKEN_WEIGHTS = ("relative", "uniform", "residual")
 FITS = ("down", "block")
+# Which calibration rows the last decoder layer is fitted on. Its MoE output reaches nothing but the final
+# norm and the lm_head at the same position, and the text model reads the lm_head's prediction only at text
+# positions: at an image or audio position it is never used (the next position's input is the next patch or
+# frame's embedding). `all` fits every row as in the other layers; `text` fits the text rows only, and
+# `balance_modalities` then gives each request kind (text, image, audio, image+audio) the same total weight,
+# so an audio request's prompt and transcript count as much as the text documents.
+LAST_LAYER_ROWS = ("all", "text")
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no change) on held-out tokens
 
 
@@ -218,8 +228,13 @@ class ReconstructStage(Stage):
             return
         x, y, modality = work.inputs.moe_rows()
         s = self.settings
-        modality = modality if s.balance_modalities else None
         resid_sq = work.inputs.residual_sq()  # concatenated once, for both fits
+        kinds = work.inputs.request_kinds()
+        if s.last_layer == "text" and self.model.is_last_layer(work.index) and kinds is not None:
+            rows = modality == MODALITIES.index("text")
+            x, y, modality = x[rows], y[rows], kinds[rows]  # groups for the balance: the request kinds
+            resid_sq = resid_sq[rows] if resid_sq is not None else None
+        modality = modality if s.balance_modalities else None
         out = refit_down(
             work.layer.mlp,
             x,
@@ -232,6 +247,7 @@ class ReconstructStage(Stage):
             modality,
             resid_sq,
         )
+        out["rows"] = int(x.shape[0])  # the calibration rows fitted (text rows only: `last_layer: text`)
         if s.fit == "block":
             c = token_weights(y, s.token_weight, modality, resid_sq)
             out["block"] = fit_block(work.layer.mlp, x, y, c, s.steps, s.lr, s.batch_tokens)

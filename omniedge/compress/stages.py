@@ -33,6 +33,11 @@ class ModelFacts:
     top_k: int
     moe_layers: tuple[int, ...]
     norm_topk_prob: bool = True
+    num_layers: int | None = None  # decoder layers (None: not known)
+
+    def is_last_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` is the last one (its output goes to the final norm and lm_head)."""
+        return self.num_layers is not None and index == self.num_layers - 1
 
 
 @dataclass

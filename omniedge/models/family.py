@@ -26,6 +26,7 @@ SPECIAL_TOKENS: dict[str, str] = {
 ROLE_TOKENS = ("system", "user", "assistant")
 # What the thinker reads, in the row order of every per-modality tensor (calibration statistics, saliency, eval).
 MODALITIES = ("text", "image", "audio")
+REQUEST_KINDS = (*MODALITIES, "image+audio")  # what a request carries besides text (Request.kind)
 
 
 @dataclass
