@@ -35,7 +35,7 @@ from omniedge.compress.layer_inputs import CHUNK_ROWS
 from omniedge.compress.moe import route
 from omniedge.compress.recipe import as_bool, as_choice, as_float, as_int, check_keys
 from omniedge.compress.stages import LayerWork, ModelFacts, Stage
-from omniedge.models.family import MODALITIES, REQUEST_KINDS
+from omniedge.models.family import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,9 @@ FITS = ("down", "block")
 # norm and the lm_head at the same position, and the text model reads the lm_head's prediction only at text
 # positions: at an image or audio position it is never used (the next position's input is the next patch or
 # frame's embedding). `all` fits every row as in the other layers; `text` fits the text rows only, and
-# `balance_modalities` then gives the text rows of text, of image and of audio requests (REQUEST_GROUP: a spoken
-# question about an image counts as an audio request) the same total weight, so an audio request's prompt and
-# transcript count as much as the text documents.
+# `balance_modalities` then gives each request kind (text, image, audio, image+audio) the same total weight,
+# so an audio request's prompt and transcript count as much as the text documents.
 LAST_LAYER_ROWS = ("all", "text")
-REQUEST_GROUP = torch.tensor([MODALITIES.index(k.split("+")[-1]) for k in REQUEST_KINDS])
 DAMP_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # `damp: auto` tries each (and no change) on held-out tokens
 
 
@@ -234,8 +232,7 @@ class ReconstructStage(Stage):
         kinds = work.inputs.request_kinds()
         if s.last_layer == "text" and self.model.is_last_layer(work.index) and kinds is not None:
             rows = modality == MODALITIES.index("text")
-            group = REQUEST_GROUP.to(kinds.device)[kinds[rows].long()]
-            x, y, modality = x[rows], y[rows], group  # the balance's groups: text, image, audio requests
+            x, y, modality = x[rows], y[rows], kinds[rows]  # groups for the balance: the request kinds
             resid_sq = resid_sq[rows] if resid_sq is not None else None
         modality = modality if s.balance_modalities else None
         out = refit_down(
