@@ -111,6 +111,15 @@ def test_30b_recipes_keep_64_and_77_of_128() -> None:
     assert head == plain  # the -head recipe differs in its lm_head target only
 
 
+def test_shipped_prune50_recipe_fits_blocks_then_quantizes_with_gptq() -> None:
+    r = load_recipe(DEFAULT_RECIPE_PATH.parent / "omni-mini-prune50-int4.yaml")
+    prune, refit, quant = (next(iter(s.values())) for s in r["stages"])
+    assert (prune["method"], prune["keep_ratio"], prune["weighting"]) == ("reap", 0.5, "max")
+    assert (refit["fit"], refit["last_layer"]) == ("block", "text")
+    assert (quant["method"], quant["group_size"]) == ("gptq", 128)
+    assert r["calibration"]["source"] == "omni-mini-data"
+
+
 def test_shipped_distill_recipe_prunes_distils_on_omni_mini_then_quantizes() -> None:
     r = load_recipe(DEFAULT_RECIPE_PATH.parent / "omni-mini-prune50-distill-int4.yaml")
     assert [next(iter(s)) for s in r["stages"]] == ["prune", "distill", "quantize"]
