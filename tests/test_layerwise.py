@@ -190,7 +190,8 @@ def test_batched_moe_equals_transformers_block_and_naive_statistics() -> None:
         ours = moe_forward(x, block.gate.weight, e.gate_up_proj, e.down_proj, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, e.act_fn, stats=stats, modality=modality)  # fmt: skip
         ref = block(x[None])[0]
-        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        # float32 sums in another order (CPU kernels differ by machine): within 1e-6 of the output's scale
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
         _, w, idx = block.gate(x)
         naive = LayerStats.empty(0, cfg.num_experts, cfg.num_experts_per_tok)
         for t in range(37):
