@@ -107,7 +107,6 @@ def run_layer(
             x = torch.cat(rec.rows)
             rec.rows.clear()
             modality = torch.cat([samples[i].modality for i in group]).to(x.device)
-            request = torch.cat([torch.full_like(samples[i].modality, samples[i].request) for i in group])
             e = block.experts
             moe = moe_forward(
                 x,
@@ -127,12 +126,14 @@ def run_layer(
                 out.append(add_deepstack(h, samples[i].x, index))
                 start += n
             if inputs is not None:  # with the MoE output: ||what the next layer reads||^2 per token
-                resid_sq = None
-                if inputs.moe_output:
+                resid_sq = request = None
+                if inputs.moe_output:  # and each row's request kind
                     resid_sq = torch.cat(
                         [o.reshape(-1, o.shape[-1]).float().square().sum(-1) for o in out[-len(group) :]]
                     )
-                inputs.add_moe(x, moe, modality, resid_sq, request.to(x.device))
+                    kinds = [torch.full_like(samples[i].modality, samples[i].request) for i in group]
+                    request = torch.cat(kinds).to(x.device)
+                inputs.add_moe(x, moe, modality, resid_sq, request)
     return out
 
 
